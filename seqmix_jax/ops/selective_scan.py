@@ -1,0 +1,203 @@
+"""Mamba-1 selective scan (Gu & Dao 2023, Algorithm 2), channel-last.
+
+Axis letters: b batch, l sequence, d channels (Mamba's d_inner), n state, g groups of B/C, e = d // g
+channels per group.
+
+    delta = softplus(dt + dt_bias)                         (fp32; softplus optional)
+    h_t   = exp(delta_t A) * h_{t-1} + delta_t x_t B_t     (ZOH for A, Euler for B; h: (d, n))
+    y_t   = h_t C_t + D x_t,   then  y_t *= silu(z_t)      (when z is given)
+
+Channel d uses B/C group d // e (contiguous blocks, as mamba_ssm's `selective_scan_ref`).
+Everything inside runs in float32 whatever the input dtype; `y` is cast back to `x.dtype` and the final
+state is float32 (as the CUDA kernel returns it).
+
+Paths (see `dispatch.py`):
+  reference    sequential `lax.scan` over l: the definition.
+  associative  `lax.associative_scan` over l: the parallel reference; materializes (b, l, d, n).
+  xla          chunks of `chunk_size` steps: a sequential scan across chunks whose body is rematerialized
+               (`jax.checkpoint`), so the backward pass keeps only one (b, d, n) state per chunk and
+               recomputes the states inside a chunk. Forward+backward memory therefore grows with l·d
+               (the inputs and their gradients), not with l·d·n.
+
+Packed sequences: with `segment_ids (b, l)` the state is zeroed at each segment start, which equals
+running every segment separately. `initial_state` feeds the first segment; the final state is the last
+segment's.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from seqmix_jax.ops import _checks as ck
+from seqmix_jax.ops.dispatch import resolve_impl
+from seqmix_jax.ops.segments import check_segment_ids, segment_starts
+
+_HI = lax.Precision.HIGHEST
+
+
+def selective_scan(x, dt, A, B, C, D=None, *, z=None, dt_bias=None, dt_softplus=True, initial_state=None,
+                   return_final_state=False, segment_ids=None, impl="auto", chunk_size: int = 32):
+    """Mamba-1 selective scan.
+
+    Args:
+      x: (b, l, d) input.
+      dt: (b, l, d) raw time step (before `dt_bias` and softplus).
+      A: (d, n) state matrix (negative, e.g. -exp(A_log)).
+      B, C: (b, l, n) or (b, l, g, n) input-dependent projections; g must divide d.
+      D: optional (d,) skip.
+      z: optional (b, l, d) gate: y *= silu(z).
+      dt_bias: optional (d,) added to dt in float32.
+      dt_softplus: apply softplus to dt + dt_bias.
+      initial_state: optional (b, d, n) state before the first step.
+      return_final_state: also return the (b, d, n) float32 state after the last step.
+      segment_ids: optional (b, l) int: reset the state at segment starts (packed sequences).
+      impl: "auto", "reference", "associative" or "xla".
+      chunk_size: steps per chunk of the xla path.
+
+    Returns:
+      y (b, l, d) in x.dtype, or (y, final_state) with return_final_state.
+    """
+    b, l, d, n, g = _validate(x, dt, A, B, C, D, z, dt_bias, initial_state, segment_ids)
+    ck.check_positive_int("chunk_size", chunk_size)
+    path = resolve_impl("selective_scan", impl, ("reference", "associative", "xla"))
+    e = d // g
+    f32 = lambda a: a.astype(jnp.float32)
+    delta = f32(dt) if dt_bias is None else f32(dt) + f32(dt_bias)
+    if dt_softplus:
+        delta = jax.nn.softplus(delta)
+    grouped = lambda a: a.reshape(b, l, g, e)
+    u, delta = grouped(f32(x)), grouped(delta)
+    Bg = f32(B).reshape(b, l, g, n)
+    Cg = f32(C).reshape(b, l, g, n)
+    Ag = f32(A).reshape(g, e, n)
+    h0 = jnp.zeros((b, g, e, n), jnp.float32) if initial_state is None else f32(initial_state).reshape(b, g, e, n)
+    keep = None if segment_ids is None else 1.0 - segment_starts(segment_ids).astype(jnp.float32)
+
+    if path == "reference":
+        ys, h = _scan_sequential(Ag, u, delta, Bg, Cg, keep, h0)
+    elif path == "associative":
+        ys, h = _scan_associative(Ag, u, delta, Bg, Cg, keep, h0)
+    else:
+        ys, h = _scan_chunked(Ag, u, delta, Bg, Cg, keep, h0, chunk_size)
+
+    y = ys.reshape(b, l, d)
+    if D is not None:
+        y = y + f32(x) * f32(D)
+    if z is not None:
+        y = y * jax.nn.silu(f32(z))
+    y = y.astype(x.dtype)
+    if return_final_state:
+        return y, h.reshape(b, d, n)
+    return y
+
+
+def selective_scan_reference(x, dt, A, B, C, D=None, *, z=None, dt_bias=None, dt_softplus=True,
+                             initial_state=None, return_final_state=False, segment_ids=None):
+    """The definition: a sequential `lax.scan` over l in float32. Slow on purpose."""
+    return selective_scan(x, dt, A, B, C, D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                          initial_state=initial_state, return_final_state=return_final_state,
+                          segment_ids=segment_ids, impl="reference")
+
+
+def selective_state_update(state, x, dt, A, B, C, D=None, *, z=None, dt_bias=None, dt_softplus=True):
+    """One decoding step (mamba_ssm `selective_state_update`): returns (y (b, d), new_state (b, d, n) fp32).
+
+    x, dt, z: (b, d); B, C: (b, n) or (b, g, n); state: (b, d, n)."""
+    y, h = selective_scan_reference(x[:, None], dt[:, None], A, B[:, None], C[:, None], D,
+                                    z=None if z is None else z[:, None], dt_bias=dt_bias, dt_softplus=dt_softplus,
+                                    initial_state=state, return_final_state=True)
+    return y[:, 0], h
+
+
+# --- the three paths. Shapes: u, delta (b, l, g, e); B, C (b, l, g, n); A (g, e, n); h (b, g, e, n);
+#     keep (b, l) float, 0 at segment starts, or None.
+
+def _step(A, h, inp):
+    u, delta, Bt, Ct, keep = inp
+    dA = jnp.exp(delta[..., None] * A)
+    if keep is not None:
+        dA = dA * keep[:, None, None, None]
+    h = dA * h + (delta * u)[..., None] * Bt[:, :, None, :]
+    return h, jnp.einsum("bgen,bgn->bge", h, Ct, precision=_HI)
+
+
+def _time_major(*arrays):
+    return tuple(None if a is None else jnp.moveaxis(a, 1, 0) for a in arrays)
+
+
+def _scan_sequential(A, u, delta, B, C, keep, h0):
+    h, ys = lax.scan(functools.partial(_step, A), h0, _time_major(u, delta, B, C, keep))
+    return jnp.moveaxis(ys, 0, 1), h
+
+
+def _scan_associative(A, u, delta, B, C, keep, h0):
+    dA = jnp.exp(delta[..., None] * A)  # (b, l, g, e, n): this materialization is what the xla path avoids
+    if keep is not None:
+        dA = dA * keep[:, :, None, None, None]
+    dBu = (delta * u)[..., None] * B[:, :, :, None, :]
+
+    def combine(left, right):
+        return left[0] * right[0], right[0] * left[1] + right[1]
+
+    decay, hs = lax.associative_scan(combine, (dA, dBu), axis=1)
+    hs = hs + decay * h0[:, None]
+    ys = jnp.einsum("blgen,blgn->blge", hs, C, precision=_HI)
+    return ys, hs[:, -1]
+
+
+def _scan_chunked(A, u, delta, B, C, keep, h0, chunk_size):
+    b, l = u.shape[:2]
+    T = min(chunk_size, l)
+    nc = -(-l // T)
+    pad = nc * T - l
+    if pad:
+        # delta = 0 on padded steps: exp(0 * A) = 1 and no input, so the final state is unchanged.
+        padder = lambda a, v=0.0: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2), constant_values=v)
+        u, delta, B, C = map(padder, (u, delta, B, C))
+        keep = None if keep is None else padder(keep, 1.0)
+
+    def chunks(a):  # (b, nc*T, ...) -> (nc, T, b, ...)
+        return None if a is None else jnp.moveaxis(a.reshape(b, nc, T, *a.shape[2:]), (1, 2), (0, 1))
+
+    @jax.checkpoint
+    def chunk(h, xs):
+        return lax.scan(functools.partial(_step, A), h, xs, unroll=min(T, 8))
+
+    h, ys = lax.scan(chunk, h0, tuple(map(chunks, (u, delta, B, C, keep))))
+    ys = jnp.moveaxis(ys, (0, 1), (1, 2)).reshape(b, nc * T, *ys.shape[3:])
+    return ys[:, :l], h
+
+
+def _validate(x, dt, A, B, C, D, z, dt_bias, initial_state, segment_ids):
+    ck.check_rank("x", x, 3, "(b, l, d)")
+    b, l, d = x.shape
+    ck.check_float("x", x)
+    ck.check_shape("dt", dt, (b, l, d), "(b, l, d)")
+    ck.check_float("dt", dt)
+    ck.check_rank("A", A, 2, "(d, n)")
+    if A.shape[0] != d:
+        raise ValueError(f"A must have shape (d, n) with d={d} (from x), got {tuple(A.shape)}")
+    n = A.shape[1]
+    ck.check_float("A", A)
+    for name, a in (("B", B), ("C", C)):
+        ck.check_rank(name, a, (3, 4), "(b, l, n) or (b, l, g, n)")
+        ck.check_float(name, a)
+        expected = (b, l, n) if a.ndim == 3 else (b, l, a.shape[2], n)
+        ck.check_shape(name, a, expected, "(b, l, n)" if a.ndim == 3 else "(b, l, g, n)")
+    if B.ndim != C.ndim or B.shape != C.shape:
+        raise ValueError(f"B and C must have the same shape, got B {tuple(B.shape)} and C {tuple(C.shape)}")
+    g = 1 if B.ndim == 3 else B.shape[2]
+    ck.check_divides("ngroups (B.shape[2])", g, "d", d)
+    for name, a, shape, axes in (("D", D, (d,), "(d,)"), ("dt_bias", dt_bias, (d,), "(d,)"),
+                                 ("z", z, (b, l, d), "(b, l, d)"),
+                                 ("initial_state", initial_state, (b, d, n), "(b, d, n)")):
+        if a is not None:
+            ck.check_shape(name, a, shape, axes)
+            ck.check_float(name, a)
+    if segment_ids is not None:
+        check_segment_ids(segment_ids, b, l)
+    return b, l, d, n, g

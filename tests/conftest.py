@@ -1,0 +1,51 @@
+"""Test harness: 8 fake CPU devices, deterministic seeds, markers slow/gpu/tpu.
+
+The device count must be set before JAX initializes its backend, so this runs at conftest import."""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+os.environ.setdefault("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    backend = jax.default_backend()
+    for item in items:
+        if "gpu" in item.keywords and backend != "gpu":
+            item.add_marker(pytest.mark.skip(reason="needs a GPU"))
+        if "tpu" in item.keywords and backend != "tpu":
+            item.add_marker(pytest.mark.skip(reason="needs a TPU"))
+
+
+def _seed(request) -> int:
+    return zlib.crc32(request.node.nodeid.encode())
+
+
+@pytest.fixture(autouse=True)
+def _deterministic(request):
+    """Seed numpy (and torch, when a parity test imported it) from the test id: reruns are reproducible."""
+    seed = _seed(request)
+    np.random.seed(seed % 2**32)
+    torch = __import__("sys").modules.get("torch")
+    if torch is not None:
+        torch.manual_seed(seed)
+    yield
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    return np.random.default_rng(_seed(request))
+
+
+@pytest.fixture
+def key(request):
+    return jax.random.PRNGKey(_seed(request))
