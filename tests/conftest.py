@@ -20,9 +20,9 @@ import pytest  # noqa: E402
 def pytest_collection_modifyitems(config, items):
     backend = jax.default_backend()
     for item in items:
-        if "gpu" in item.keywords and backend != "gpu":
+        if item.get_closest_marker("gpu") and backend != "gpu":
             item.add_marker(pytest.mark.skip(reason="needs a GPU"))
-        if "tpu" in item.keywords and backend != "tpu":
+        if item.get_closest_marker("tpu") and backend != "tpu":
             item.add_marker(pytest.mark.skip(reason="needs a TPU"))
 
 

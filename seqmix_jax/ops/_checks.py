@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import jax.numpy as jnp
 
 FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
@@ -10,7 +12,7 @@ FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
 def check_rank(name: str, a, ranks: int | tuple[int, ...], axes: str) -> None:
     ranks = (ranks,) if isinstance(ranks, int) else ranks
     if a.ndim not in ranks:
-        raise ValueError(f"{name} must have rank {' or '.join(map(str, ranks))} ({axes}), got shape {tuple(a.shape)}")
+        raise ValueError(f"{name} must have rank {' or '.join(map(str, ranks))} {axes}, got shape {tuple(a.shape)}")
 
 
 def check_shape(name: str, a, expected: tuple[int, ...], axes: str) -> None:
@@ -34,5 +36,5 @@ def check_divides(small_name: str, small: int, big_name: str, big: int) -> None:
 
 
 def check_positive_int(name: str, v) -> None:
-    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+    if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v <= 0:
         raise ValueError(f"{name} must be a positive int, got {v!r}")

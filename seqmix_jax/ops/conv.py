@@ -38,21 +38,16 @@ def causal_conv1d(x, weight, bias=None, *, activation=None, segment_ids=None, in
       y (b, l, c) in x.dtype (accumulated in float32), or (y, state).
     """
     ck.check_rank("x", x, 3, "(b, l, c)")
-    ck.check_float("x", x)
     b, l, c = x.shape
-    ck.check_rank("weight", weight, 2, "(w, c)")
-    if weight.shape[1] != c:
-        raise ValueError(f"weight must have shape (w, c) with c={c} (from x), got {tuple(weight.shape)}")
-    w = weight.shape[0]
-    if bias is not None:
-        ck.check_shape("bias", bias, (c,), "(c,)")
-    if activation not in (None, "silu", "swish"):
-        raise ValueError(f"activation must be None or 'silu', got {activation!r}")
+    w = _check_conv_args(x, weight, bias, activation)
     if initial_state is not None:
         ck.check_shape("initial_state", initial_state, (b, w - 1, c), "(b, w - 1, c)")
     if segment_ids is not None:
         check_segment_ids(segment_ids, b, l)
-    resolve_impl("causal_conv1d", impl, ("reference", "xla"))
+    path = resolve_impl("causal_conv1d", impl, ("reference", "xla", "pallas"), x=x, weight=weight,
+                        segment_ids=segment_ids)
+    if path == "pallas":  # resolve_impl returns "pallas" only for a registered kernel, and none is wired in yet
+        raise AssertionError("causal_conv1d has no 'pallas' branch")
     # "Pad once, add w shifted slices": ~20x faster than lax.conv_general_dilated with feature groups on
     # XLA:CPU, and already the readable definition, so reference and xla share it.
     prefix = jnp.zeros((b, w - 1, c), x.dtype) if initial_state is None else initial_state.astype(x.dtype)
@@ -92,8 +87,7 @@ def causal_conv1d_update(state, x, weight, bias=None, *, activation=None):
     the prefill's final state bit for bit."""
     ck.check_rank("x", x, 2, "(b, c)")
     b, c = x.shape
-    ck.check_rank("weight", weight, 2, "(w, c)")
-    w = weight.shape[0]
+    w = _check_conv_args(x, weight, bias, activation)
     ck.check_shape("state", state, (b, w - 1, c), "(b, w - 1, c)")
     window = jnp.concatenate([state.astype(x.dtype), x[:, None]], axis=1)  # (b, w, c)
     y = jnp.einsum("bwc,wc->bc", window.astype(jnp.float32), weight.astype(jnp.float32),
@@ -103,3 +97,18 @@ def causal_conv1d_update(state, x, weight, bias=None, *, activation=None):
     if activation is not None:
         y = jax.nn.silu(y)
     return y.astype(x.dtype), window[:, 1:]
+
+
+def _check_conv_args(x, weight, bias, activation) -> int:
+    """Validate what the forward and the decode step share; returns the width w."""
+    ck.check_float("x", x)
+    c = x.shape[-1]
+    ck.check_rank("weight", weight, 2, "(w, c)")
+    if weight.shape[1] != c:
+        raise ValueError(f"weight must have shape (w, c) with c={c} (from x), got {tuple(weight.shape)}")
+    ck.check_float("weight", weight)
+    if bias is not None:
+        ck.check_shape("bias", bias, (c,), "(c,)")
+    if activation not in (None, "silu", "swish"):
+        raise ValueError(f"activation must be None or 'silu', got {activation!r}")
+    return weight.shape[0]

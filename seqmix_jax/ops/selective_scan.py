@@ -63,7 +63,8 @@ def selective_scan(x, dt, A, B, C, D=None, *, z=None, dt_bias=None, dt_softplus=
     """
     b, l, d, n, g = _validate(x, dt, A, B, C, D, z, dt_bias, initial_state, segment_ids)
     ck.check_positive_int("chunk_size", chunk_size)
-    path = resolve_impl("selective_scan", impl, ("reference", "associative", "xla"))
+    path = resolve_impl("selective_scan", impl, ("reference", "associative", "xla", "pallas"), x=x, B=B,
+                        segment_ids=segment_ids)
     e = d // g
     f32 = lambda a: a.astype(jnp.float32)
     delta = f32(dt) if dt_bias is None else f32(dt) + f32(dt_bias)
@@ -81,8 +82,10 @@ def selective_scan(x, dt, A, B, C, D=None, *, z=None, dt_bias=None, dt_softplus=
         ys, h = _scan_sequential(Ag, u, delta, Bg, Cg, keep, h0)
     elif path == "associative":
         ys, h = _scan_associative(Ag, u, delta, Bg, Cg, keep, h0)
-    else:
+    elif path == "xla":
         ys, h = _scan_chunked(Ag, u, delta, Bg, Cg, keep, h0, chunk_size)
+    else:  # resolve_impl returns "pallas" only for a registered kernel, and none is wired in yet
+        raise AssertionError(f"selective_scan has no {path!r} branch")
 
     y = ys.reshape(b, l, d)
     if D is not None:
@@ -107,6 +110,10 @@ def selective_state_update(state, x, dt, A, B, C, D=None, *, z=None, dt_bias=Non
     """One decoding step (mamba_ssm `selective_state_update`): returns (y (b, d), new_state (b, d, n) fp32).
 
     x, dt, z: (b, d); B, C: (b, n) or (b, g, n); state: (b, d, n)."""
+    ck.check_rank("x", x, 2, "(b, d)")
+    ck.check_shape("dt", dt, tuple(x.shape), "(b, d)")
+    ck.check_rank("B", B, (2, 3), "(b, n) or (b, g, n)")
+    ck.check_rank("state", state, 3, "(b, d, n)")
     y, h = selective_scan_reference(x[:, None], dt[:, None], A, B[:, None], C[:, None], D,
                                     z=None if z is None else z[:, None], dt_bias=dt_bias, dt_softplus=dt_softplus,
                                     initial_state=state, return_final_state=True)

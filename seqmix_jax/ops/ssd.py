@@ -61,7 +61,8 @@ def ssd(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None, dt_soft
     """
     b, l, h, p, g, n = _validate(x, dt, A, B, C, D, z, dt_bias, dt_limit, initial_state, segment_ids)
     ck.check_positive_int("chunk_size", chunk_size)
-    path = resolve_impl("ssd", impl, ("reference", "associative", "xla"))
+    path = resolve_impl("ssd", impl, ("reference", "associative", "xla", "pallas"), x=x, B=B,
+                        chunk_size=chunk_size, segment_ids=segment_ids)
     hg = h // g
     f32 = lambda a: a.astype(jnp.float32)
     delta = f32(dt) if dt_bias is None else f32(dt) + f32(dt_bias)
@@ -81,8 +82,10 @@ def ssd(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None, dt_soft
         ys, S = _ssd_sequential(a, xbar, Bf, Cf, segment_ids, S0)
     elif path == "associative":
         ys, S = _ssd_associative(a, xbar, Bf, Cf, segment_ids, S0)
-    else:
+    elif path == "xla":
         ys, S = _ssd_chunked(a, xbar, Bf, Cf, segment_ids, S0, chunk_size)
+    else:  # resolve_impl returns "pallas" only for a registered kernel, and none is wired in yet
+        raise AssertionError(f"ssd has no {path!r} branch")
 
     y = ys.reshape(b, l, h, p)
     if D is not None:
@@ -106,6 +109,10 @@ def ssd_reference(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=T
 
 def ssd_state_update(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=True, dt_limit=None):
     """One decoding step: x (b, h, p), dt (b, h), B, C (b, g, n), state (b, h, p, n) -> (y (b, h, p), state)."""
+    ck.check_rank("x", x, 3, "(b, h, p)")
+    ck.check_shape("dt", dt, tuple(x.shape[:2]), "(b, h)")
+    ck.check_rank("B", B, 3, "(b, g, n)")
+    ck.check_rank("state", state, 4, "(b, h, p, n)")
     y, S = ssd_reference(x[:, None], dt[:, None], A, B[:, None], C[:, None], D=D,
                          z=None if z is None else z[:, None], dt_bias=dt_bias, dt_softplus=dt_softplus,
                          dt_limit=dt_limit, initial_state=state, return_final_state=True)

@@ -156,9 +156,9 @@ def test_conv_bf16_output_and_state_dtype(rng):
 # --- conv validation ------------------------------------------------------------------------------------
 
 BAD_CONV = [
-    ("x_rank", lambda a: {"x": a["x"][0]}, {}, r"^x must have rank 3 \(b, l, c\)"),
+    ("x_rank", lambda a: {"x": a["x"][0]}, {}, r"^x must have rank 3 "),
     ("x_int", lambda a: {"x": a["x"].astype(jnp.int32)}, {}, r"^x must be float32.*got dtype int32"),
-    ("weight_rank", lambda a: {"weight": a["weight"][0]}, {}, r"^weight must have rank 2 \(w, c\)"),
+    ("weight_rank", lambda a: {"weight": a["weight"][0]}, {}, r"^weight must have rank 2 "),
     ("weight_c", lambda a: {"weight": a["weight"][:, :9]}, {}, r"^weight must have shape \(w, c\) with c=10"),
     ("bias_shape", lambda a: {"bias": a["bias"][:9]}, {}, r"^bias must have shape \(c,\)"),
     ("initial_state_shape", lambda a: {"initial_state": a["initial_state"][:, :2]}, {},
@@ -171,7 +171,7 @@ BAD_CONV = [
     ("impl_unknown", lambda a: {}, {"impl": "nope"}, r"^impl='nope' is not one of"),
     ("impl_associative", lambda a: {}, {"impl": "associative"},
      r"^impl='associative' is not available for causal_conv1d"),
-    ("impl_pallas", lambda a: {}, {"impl": "pallas"}, r"impl='pallas'"),
+    ("impl_pallas", lambda a: {}, {"impl": "pallas"}, r"impl='pallas' cannot run causal_conv1d: no Pallas kernel"),
 ]
 
 
@@ -186,39 +186,31 @@ def test_conv_validation_errors(rng, change, kwargs, match):
 def test_conv_update_validation_errors(rng):
     a = conv_inputs(rng, b=2, l=5)
     state, x = a["initial_state"], a["x"][:, 0]
-    with pytest.raises(ValueError, match=r"^x must have rank 2 \(b, c\)"):
+    with pytest.raises(ValueError, match=r"^x must have rank 2 "):
         causal_conv1d_update(state, a["x"], a["weight"])
-    with pytest.raises(ValueError, match=r"^weight must have rank 2 \(w, c\)"):
+    with pytest.raises(ValueError, match=r"^weight must have rank 2 "):
         causal_conv1d_update(state, x, a["weight"][None])
     with pytest.raises(ValueError, match=r"^state must have shape \(b, w - 1, c\) = \(2, 3, 10\)"):
         causal_conv1d_update(state[:, 1:], x, a["weight"])
 
 
-# Known gaps in causal_conv1d_update's validation (it checks less than causal_conv1d): strict xfail, so a fix
-# turns these into failures that ask for the marker to be removed.
+# causal_conv1d_update validates its arguments like causal_conv1d (these were gaps once: silu applied for any
+# activation, int32 passed through, einsum/broadcast errors that named no argument).
 UPDATE_GAPS = [
-    ("activation", {"activation": "relu"}, r"^activation must be None or 'silu'"),  # silently applies silu
-    ("x_int", {"x": "int"}, r"^x must be float"),  # runs and returns int32
-    ("weight_c", {"weight": "c9"}, r"^weight"),  # einsum's error does not name the argument
-    ("bias_shape", {"bias": "c9"}, r"^bias"),  # a broadcasting error that does not name the argument
+    ("activation", lambda kw: {"activation": "relu"}, r"^activation must be None or 'silu'"),  # applies silu
+    ("x_int", lambda kw: {"x": kw["x"].astype(jnp.int32)}, r"^x must be float"),  # returns int32
+    ("weight_c", lambda kw: {"weight": kw["weight"][:, :9]}, r"^weight"),  # einsum's error names no argument
+    ("bias_shape", lambda kw: {"bias": kw["bias"][:9]}, r"^bias"),  # a broadcasting error naming no argument
 ]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: causal_conv1d_update does not validate like causal_conv1d")
 @pytest.mark.parametrize("change, match", [c[1:] for c in UPDATE_GAPS], ids=[c[0] for c in UPDATE_GAPS])
 def test_conv_update_validates_like_conv(rng, change, match):
     a = conv_inputs(rng, b=2, l=5)
     kw = dict(state=a["initial_state"], x=a["x"][:, 0], weight=a["weight"], bias=a["bias"], activation="silu")
-    if "activation" in change:
-        kw["activation"] = change["activation"]
-    if "x" in change:
-        kw["x"] = kw["x"].astype(jnp.int32)
-    if "weight" in change:
-        kw["weight"] = kw["weight"][:, :9]
-    if "bias" in change:
-        kw["bias"] = kw["bias"][:9]
+    causal_conv1d_update(**kw)  # the unchanged inputs are valid
     with pytest.raises(ValueError, match=match):
-        causal_conv1d_update(**kw)
+        causal_conv1d_update(**{**kw, **change(kw)})
 
 
 # --- RMSNorm --------------------------------------------------------------------------------------------
