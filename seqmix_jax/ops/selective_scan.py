@@ -36,7 +36,6 @@ from seqmix_jax.ops import _checks as ck
 from seqmix_jax.ops.dispatch import resolve_impl
 from seqmix_jax.ops.segments import check_segment_ids, segment_starts
 
-_HI = lax.Precision.HIGHEST
 
 
 def selective_scan(x, dt, A, B, C, D=None, *, z=None, dt_bias=None, dt_softplus=True, initial_state=None,
@@ -65,36 +64,34 @@ def selective_scan(x, dt, A, B, C, D=None, *, z=None, dt_bias=None, dt_softplus=
     ck.check_positive_int("chunk_size", chunk_size)
     path = resolve_impl("selective_scan", impl, ("reference", "associative", "xla", "pallas"), x=x, B=B,
                         segment_ids=segment_ids)
-    e = d // g
     f32 = lambda a: a.astype(jnp.float32)
     delta = f32(dt) if dt_bias is None else f32(dt) + f32(dt_bias)
     if dt_softplus:
         delta = jax.nn.softplus(delta)
-    grouped = lambda a: a.reshape(b, l, g, e)
-    u, delta = grouped(f32(x)), grouped(delta)
+    u = f32(x)
     Bg = f32(B).reshape(b, l, g, n)
     Cg = f32(C).reshape(b, l, g, n)
-    Ag = f32(A).reshape(g, e, n)
-    h0 = jnp.zeros((b, g, e, n), jnp.float32) if initial_state is None else f32(initial_state).reshape(b, g, e, n)
+    h0 = jnp.zeros((b, d, n), jnp.float32) if initial_state is None else f32(initial_state)
     keep = None if segment_ids is None else 1.0 - segment_starts(segment_ids).astype(jnp.float32)
+    A = f32(A)
 
     if path == "reference":
-        ys, h = _scan_sequential(Ag, u, delta, Bg, Cg, keep, h0)
+        ys, h = _scan_sequential(A, u, delta, Bg, Cg, keep, h0)
     elif path == "associative":
-        ys, h = _scan_associative(Ag, u, delta, Bg, Cg, keep, h0)
+        ys, h = _scan_associative(A, u, delta, Bg, Cg, keep, h0)
     elif path == "xla":
-        ys, h = _scan_chunked(Ag, u, delta, Bg, Cg, keep, h0, chunk_size)
+        ys, h = _scan_chunked(A, u, delta, Bg, Cg, keep, h0, chunk_size)
     else:  # resolve_impl returns "pallas" only for a registered kernel, and none is wired in yet
         raise AssertionError(f"selective_scan has no {path!r} branch")
 
-    y = ys.reshape(b, l, d)
+    y = ys
     if D is not None:
         y = y + f32(x) * f32(D)
     if z is not None:
         y = y * jax.nn.silu(f32(z))
     y = y.astype(x.dtype)
     if return_final_state:
-        return y, h.reshape(b, d, n)
+        return y, h
     return y
 
 
@@ -120,16 +117,24 @@ def selective_state_update(state, x, dt, A, B, C, D=None, *, z=None, dt_bias=Non
     return y[:, 0], h
 
 
-# --- the three paths. Shapes: u, delta (b, l, g, e); B, C (b, l, g, n); A (g, e, n); h (b, g, e, n);
+# --- the three paths. Shapes: u, delta (b, l, d); B, C (b, l, g, n); A (d, n); h (b, d, n);
 #     keep (b, l) float, 0 at segment starts, or None.
+# Everything stays 3-D (b, d, n): a (b, g, e, n) layout, even with g = 1, made XLA:CPU's backward ~3x slower.
+
+def _per_channel(Bt, d):
+    """(b, g, n) group rows -> (b, d, n) (or (b, 1, n) when g = 1, broadcast): channel c uses group c // (d / g)."""
+    g = Bt.shape[1]
+    return Bt if g == 1 else jnp.repeat(Bt, d // g, axis=1)
+
 
 def _step(A, h, inp):
     u, delta, Bt, Ct, keep = inp
     dA = jnp.exp(delta[..., None] * A)
     if keep is not None:
-        dA = dA * keep[:, None, None, None]
-    h = dA * h + (delta * u)[..., None] * Bt[:, :, None, :]
-    return h, jnp.einsum("bgen,bgn->bge", h, Ct, precision=_HI)
+        dA = dA * keep[:, None, None]
+    d = u.shape[-1]
+    h = dA * h + (delta * u)[..., None] * _per_channel(Bt, d)
+    return h, jnp.sum(h * _per_channel(Ct, d), axis=-1)
 
 
 def _time_major(*arrays):
@@ -142,21 +147,55 @@ def _scan_sequential(A, u, delta, B, C, keep, h0):
 
 
 def _scan_associative(A, u, delta, B, C, keep, h0):
-    dA = jnp.exp(delta[..., None] * A)  # (b, l, g, e, n): this materialization is what the xla path avoids
+    d = u.shape[-1]
+    dA = jnp.exp(delta[..., None] * A)  # (b, l, d, n): this materialization is what the xla path avoids
     if keep is not None:
-        dA = dA * keep[:, :, None, None, None]
-    dBu = (delta * u)[..., None] * B[:, :, :, None, :]
+        dA = dA * keep[:, :, None, None]
+    dBu = (delta * u)[..., None] * jax.vmap(_per_channel, (1, None), 1)(B, d)
 
     def combine(left, right):
         return left[0] * right[0], right[0] * left[1] + right[1]
 
     decay, hs = lax.associative_scan(combine, (dA, dBu), axis=1)
     hs = hs + decay * h0[:, None]
-    ys = jnp.einsum("blgen,blgn->blge", hs, C, precision=_HI)
+    ys = jnp.sum(hs * jax.vmap(_per_channel, (1, None), 1)(C, d), axis=-1)
     return ys, hs[:, -1]
 
 
+# Largest (b, d, n) state the xla path scans at once (256 KiB in float32). Wider states are processed in
+# blocks of channels, one after the other (channels are independent given B and C), so that the per-chunk
+# buffers of the backward pass stay this size whatever n is: training memory grows with l·d, not with n.
+STATE_BLOCK_ELEMENTS = 1 << 16
+
+
 def _scan_chunked(A, u, delta, B, C, keep, h0, chunk_size):
+    b, l, d = u.shape
+    g, n = B.shape[2:]
+    if b * d * n <= STATE_BLOCK_ELEMENTS:
+        return _scan_chunked_block(A, u, delta, B, C, keep, h0, chunk_size)
+    e = d // g
+    need = -(-b * e * n // STATE_BLOCK_ELEMENTS)
+    k = next(k for k in range(need, e + 1) if e % k == 0)  # blocks per group, so each block sees one B/C row
+    # Channel axes as (groups, blocks, channels per block); scans over the leading axis of each.
+    split = lambda t, axis, parts: jnp.moveaxis(t.reshape(*t.shape[:axis], parts, -1, *t.shape[axis + 1:]), axis, 0)
+    merge = lambda t, axis: jnp.moveaxis(t, 0, axis).reshape(*t.shape[1:axis + 1], -1, *t.shape[axis + 2:])
+
+    def group(args):  # one group: B, C (b, l, 1, n) shared by its k blocks (closed over, never replicated)
+        A_, u_, delta_, B_, C_, h0_ = args
+        # The backward pass redoes one block's forward at a time instead of keeping every block's states.
+        block = jax.checkpoint(lambda a: _scan_chunked_block(a[0], a[1], a[2], B_, C_, keep, a[3], chunk_size))
+        ys, h = lax.map(block, (split(A_, 0, k), split(u_, 2, k), split(delta_, 2, k), split(h0_, 1, k)))
+        return merge(ys, 2), merge(h, 1)
+
+    if g == 1:
+        return group((A, u, delta, B, C, h0))
+    ys, h = lax.map(jax.checkpoint(group), (split(A, 0, g), split(u, 2, g), split(delta, 2, g),
+                                            jnp.moveaxis(B, 2, 0)[:, :, :, None], jnp.moveaxis(C, 2, 0)[:, :, :, None],
+                                            split(h0, 1, g)))
+    return merge(ys, 2), merge(h, 1)
+
+
+def _scan_chunked_block(A, u, delta, B, C, keep, h0, chunk_size):
     b, l = u.shape[:2]
     T = min(chunk_size, l)
     nc = -(-l // T)
