@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
 
 from seqmix_jax.ops import _checks as ck
-from seqmix_jax.ops.dispatch import resolve_impl
+from seqmix_jax.ops.dispatch import Impl, resolve_impl
 from seqmix_jax.ops.segments import check_segment_ids, segment_index
 
 
-def causal_conv1d(x, weight, bias=None, *, activation=None, segment_ids=None, initial_state=None,
-                  return_final_state=False, impl="auto"):
+def causal_conv1d(x: Float[Array, "b l c"], weight: Float[Array, "w c"], bias: Float[Array, "c"] | None = None, *,
+                  activation: str | None = None, segment_ids: Int[Array, "b l"] | None = None,
+                  initial_state: Float[Array, "b w1 c"] | None = None, return_final_state: bool = False,
+                  impl: Impl = "auto"):
     """Causal depthwise conv.
 
     Args:

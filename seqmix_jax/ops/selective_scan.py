@@ -31,15 +31,20 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jaxtyping import Array, Float, Int
 
 from seqmix_jax.ops import _checks as ck
-from seqmix_jax.ops.dispatch import resolve_impl
+from seqmix_jax.ops.dispatch import Impl, resolve_impl
 from seqmix_jax.ops.segments import check_segment_ids, segment_starts
 
 
 
-def selective_scan(x, dt, A, B, C, D=None, *, z=None, dt_bias=None, dt_softplus=True, initial_state=None,
-                   return_final_state=False, segment_ids=None, impl="auto", chunk_size: int = 32):
+def selective_scan(x: Float[Array, "b l d"], dt: Float[Array, "b l d"], A: Float[Array, "d n"],
+                   B: Float[Array, "b l n"] | Float[Array, "b l g n"], C: Float[Array, "b l n"] | Float[Array, "b l g n"],
+                   D: Float[Array, "d"] | None = None, *, z: Float[Array, "b l d"] | None = None,
+                   dt_bias: Float[Array, "d"] | None = None, dt_softplus: bool = True,
+                   initial_state: Float[Array, "b d n"] | None = None, return_final_state: bool = False,
+                   segment_ids: Int[Array, "b l"] | None = None, impl: Impl = "auto", chunk_size: int = 32):
     """Mamba-1 selective scan.
 
     Args:

@@ -28,16 +28,20 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jaxtyping import Array, Float, Int
 
 from seqmix_jax.ops import _checks as ck
-from seqmix_jax.ops.dispatch import resolve_impl
+from seqmix_jax.ops.dispatch import Impl, resolve_impl
 from seqmix_jax.ops.segments import check_segment_ids, segment_index, segment_starts
 
 _HI = lax.Precision.HIGHEST
 
 
-def ssd(x, dt, A, B, C, *, chunk_size=256, D=None, z=None, dt_bias=None, dt_softplus=True, dt_limit=None,
-        initial_state=None, return_final_state=False, segment_ids=None, impl="auto"):
+def ssd(x: Float[Array, "b l h p"], dt: Float[Array, "b l h"], A: Float[Array, "h"], B: Float[Array, "b l g n"],
+        C: Float[Array, "b l g n"], *, chunk_size: int = 256, D: Float[Array, "h"] | Float[Array, "h p"] | None = None,
+        z: Float[Array, "b l h p"] | None = None, dt_bias: Float[Array, "h"] | None = None, dt_softplus: bool = True,
+        dt_limit: tuple[float, float] | None = None, initial_state: Float[Array, "b h p n"] | None = None,
+        return_final_state: bool = False, segment_ids: Int[Array, "b l"] | None = None, impl: Impl = "auto"):
     """Mamba-2 SSD scan.
 
     Args:
