@@ -37,8 +37,16 @@ def io_bytes(args):
     return sum(4 * int(jnp.prod(jnp.array(a.shape))) for a in args)
 
 
+def report(rows, meta=None):
+    cols = [("sweep", "sweep", None), ("what", "name", None), ("temp memory", "temp_bytes", H.fmt_bytes),
+            ("inputs (=grads)", "io_bytes", H.fmt_bytes), ("temp / inputs", "temp_per_io", lambda v: f"{v:.2f}"),
+            ("xla temp / this", "xla_fraction", lambda v: f"{v:.3f}"), ("compile", "compile_s", H.fmt_s)]
+    return H.Table(cols).render(rows)
+
+
 def main():
     args = H.parser(__doc__.splitlines()[0], "memory.json").parse_args()
+    meta = H.meta(args)
     q = args.quick
     b, d = 2, (128 if q else 1536)
     ls = [128, 256] if q else [512, 1024, 2048, 4096]
@@ -77,12 +85,9 @@ def main():
         if r.get("temp_bytes"):
             r["temp_per_io"] = r["temp_bytes"] / r["io_bytes"]
 
-    cols = [("sweep", "sweep", None), ("what", "name", None), ("temp memory", "temp_bytes", H.fmt_bytes),
-            ("inputs (=grads)", "io_bytes", H.fmt_bytes), ("temp / inputs", "temp_per_io", lambda v: f"{v:.2f}"),
-            ("xla temp / this", "xla_fraction", lambda v: f"{v:.3f}"), ("compile", "compile_s", H.fmt_s)]
     print()
-    H.Table(cols).print(rows)
-    H.write_json(args.out, rows, H.meta(args))
+    print(report(rows, meta))
+    H.write_json(args.out, rows, meta)
 
 
 if __name__ == "__main__":

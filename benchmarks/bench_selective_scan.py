@@ -6,7 +6,6 @@ and our sequential reference (b=2, l=2048, d=1536, n=16, z gate, dt_bias + softp
 
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
 
@@ -54,15 +53,28 @@ def torch_ref(inp):
     return run, torch
 
 
+def report(rows, meta):
+    """Markdown tables of the main comparison and the chunk_size sweep."""
+    cols = [("what", "name", None), ("median", "median_s", H.fmt_s), ("min", "min_s", H.fmt_s),
+            ("max", "max_s", H.fmt_s), ("compile", "compile_s", H.fmt_s), ("temp memory", "temp_bytes", H.fmt_bytes),
+            ("xla speedup", "xla_speedup", H.fmt_x), ("temp / xla's", "temp_vs_xla", H.fmt_x)]
+    sh, err = meta["shape"], meta["parity_max_rel_err"]
+    head = (f"selective_scan b={sh['b']} l={sh['l']} d={sh['d']} n={sh['d_state']}, z gate, dt_bias+softplus, "
+            f"float32. Max relative error of xla vs reference / torch: {err['xla_vs_reference']:.1e} / "
+            f"{err.get('xla_vs_torch', float('nan')):.1e}")
+    return "\n\n".join([head, H.Table(cols).render([r for r in rows if not r.get("sweep")]),
+                         H.Table(cols[:6], title="xla chunk_size sweep").render([r for r in rows if r.get("sweep")])])
+
+
 def main():
     p = H.parser(__doc__.splitlines()[0], "selective_scan.json")
     p.add_argument("--skip-torch", action="store_true")
     args = p.parse_args()
+    meta = H.meta(args)
     b, l, d, n = (2, 256, 128, 16) if args.quick else (2, 2048, 1536, 16)
     reps = 1 if args.quick else args.n
     inp = make_inputs(b, l, d, n)
     jargs = [jnp.asarray(inp[k]) for k in ORDER]
-    bench = functools.partial(H.bench, n=reps, warmup=1)
     shape = dict(b=b, l=l, d=d, d_state=n)
     rows = []
 
@@ -78,14 +90,11 @@ def main():
     rel = lambda a, c: float(jnp.max(jnp.abs(a - c)) / jnp.max(jnp.abs(c)))
     parity = {"xla_vs_reference": rel(y_xla, y_ref), "associative_vs_reference": rel(y_asc, y_ref)}
 
-    add(bench("xla fwd", ours("xla"), *jargs, impl="xla", mode="fwd", **shape))
-    add(bench("xla fwd+bwd", H.fwd_bwd(ours("xla")), *jargs, impl="xla", mode="fwd+bwd", **shape))
-    add(bench("associative fwd", ours("associative"), *jargs, impl="associative", mode="fwd", **shape))
-    add(bench("associative fwd+bwd", H.fwd_bwd(ours("associative")), *jargs, impl="associative", mode="fwd+bwd",
-              **shape))
-    add(bench("reference (lax.scan) fwd", ours("reference"), *jargs, impl="reference", mode="fwd", **shape))
-    add(bench("reference (lax.scan) fwd+bwd", H.fwd_bwd(ours("reference")), *jargs, impl="reference",
-              mode="fwd+bwd", **shape))
+    # Timed in groups, round-robin inside each group: the ratios are measured under the same background load.
+    spec = lambda name, fn, impl, mode, **kw: H.spec(name, fn, *jargs, impl=impl, mode=mode, **shape, **kw)
+    names = {"xla": "xla", "associative": "associative", "reference": "reference (lax.scan)"}
+    fwd = [spec(f"{names[i]} fwd", ours(i), i, "fwd") for i in names]
+    bwd = [spec(f"{names[i]} fwd+bwd", H.fwd_bwd(ours(i)), i, "fwd+bwd") for i in names]
     if args.skip_torch:
         add(H.skipped("torch selective_scan_ref fwd", "--skip-torch", impl="torch", mode="fwd", **shape))
     else:
@@ -93,11 +102,13 @@ def main():
         y_t = run().numpy()
         parity["xla_vs_torch"] = float(np.max(np.abs(np.asarray(y_xla) - np.swapaxes(y_t, 1, 2)))
                                        / np.max(np.abs(y_t)))
-        add(bench("torch selective_scan_ref fwd", run, jit=False, torch_no_grad=True, impl="torch",
-                  mode="fwd", torch_threads=torch.get_num_threads(), **shape))
-    for T in (16, 32, 64):
-        for mode, fn in (("fwd", ours("xla", T)), ("fwd+bwd", H.fwd_bwd(ours("xla", T)))):
-            add(bench(f"xla chunk={T} {mode}", fn, *jargs, impl="xla", mode=mode, chunk_size=T, sweep=True, **shape))
+        fwd.append(H.spec("torch selective_scan_ref fwd", run, jit=False, torch_no_grad=True, impl="torch",
+                          mode="fwd", torch_threads=torch.get_num_threads(), **shape))
+    sweep = [spec(f"xla chunk={T} {m}", f(ours("xla", T)), "xla", m, chunk_size=T, sweep=True)
+             for T in (16, 32, 64) for m, f in (("fwd", lambda g: g), ("fwd+bwd", H.fwd_bwd))]
+    for group in (fwd, bwd, sweep):
+        for row in H.bench_group(group, n=reps, warmup=1):
+            add(row)
 
     get = lambda name: next(r for r in rows if r["name"] == name)
     xf, xb = get("xla fwd"), get("xla fwd+bwd")
@@ -108,14 +119,9 @@ def main():
         if r.get("temp_bytes") and base.get("temp_bytes"):
             r["temp_vs_xla"] = r["temp_bytes"] / base["temp_bytes"]
 
-    cols = [("what", "name", None), ("median", "median_s", H.fmt_s), ("min", "min_s", H.fmt_s),
-            ("max", "max_s", H.fmt_s), ("compile", "compile_s", H.fmt_s), ("temp memory", "temp_bytes", H.fmt_bytes),
-            ("xla speedup", "xla_speedup", H.fmt_x), ("temp / xla's", "temp_vs_xla", H.fmt_x)]
-    print(f"\nselective_scan b={b} l={l} d={d} n={n}, z gate, dt_bias+softplus, float32; parity {parity}\n")
-    H.Table(cols).print([r for r in rows if not r.get("sweep")])
     print()
-    H.Table(cols[:6], title="xla chunk_size sweep").print([r for r in rows if r.get("sweep")])
-    H.write_json(args.out, rows, H.meta(args, shape=shape, parity_max_rel_err=parity))
+    print(report(rows, dict(shape=shape, parity_max_rel_err=parity)))
+    H.write_json(args.out, rows, dict(meta, shape=shape, parity_max_rel_err=parity))
 
 
 if __name__ == "__main__":

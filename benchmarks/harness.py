@@ -2,6 +2,7 @@
 
     row = bench("xla fwd", f, x, y)              # jit, lower+compile timed apart, median of n timed runs
     row = bench("torch fwd", g, a, jit=False, torch_no_grad=True)
+    rows = bench_group([spec("a", f, x), spec("b", g, a, jit=False)])   # timed round-robin
     row = memory("xla fwd+bwd", fwd_bwd(f), *shape_structs)   # compile only, nothing runs
     Table([...columns...]).print(rows); write_json(path, rows, meta(args))
 
@@ -12,7 +13,6 @@ process (the development machine is a shared 2-core CPU).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -53,40 +53,67 @@ def temp_bytes(compiled):
         return None
 
 
-def _time_runs(call, n, warmup):
-    for _ in range(warmup):
-        _block(call())
-    times = []
+def _time_runs(calls, n, warmup):
+    """Round-robin: run i of every call before run i+1 of any, so a change in background load hits all alike.
+
+    With several calls each timed run directly follows an untimed run of the same call: on the development VM
+    a neighbour that allocates and frees gigabytes (the associative scan, the sequential reference's backward)
+    otherwise slowed the next call's run by up to 1.5x (presumably fresh memory faulting in after a large free)."""
+    for call in calls:
+        for _ in range(warmup):
+            _block(call())
+    times = [[] for _ in calls]
     for _ in range(n):
-        t0 = time.perf_counter()
-        _block(call())
-        times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "runs": n,
-            "times_s": times}
+        for call, ts in zip(calls, times):
+            if len(calls) > 1:
+                _block(call())
+            t0 = time.perf_counter()
+            _block(call())
+            ts.append(time.perf_counter() - t0)
+    return [{"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "runs": n, "times_s": ts}
+            for ts in times]
+
+
+def _prepare(name, fn, *args, jit=True, torch_no_grad=False, mem=True, **extra):
+    row = {"name": name, **extra}
+    if not jit:
+        call = lambda: fn(*args)
+        if torch_no_grad:
+            import torch
+
+            plain = call
+
+            def call():
+                with torch.no_grad():
+                    return plain()
+        return row, call
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    row["compile_s"] = time.perf_counter() - t0
+    if mem:
+        row["temp_bytes"] = temp_bytes(compiled)
+    return row, lambda: compiled(*args)
 
 
 def bench(name, fn, *args, n=5, warmup=1, jit=True, torch_no_grad=False, mem=True, **extra):
     """Time `fn(*args)`. With jit: lower+compile wall time apart (`compile_s`), optional temporary memory.
 
     Without jit `fn` is any Python callable (e.g. torch), run under `torch.no_grad()` if asked."""
-    row = {"name": name, **extra}
-    if jit:
-        t0 = time.perf_counter()
-        compiled = jax.jit(fn).lower(*args).compile()
-        row["compile_s"] = time.perf_counter() - t0
-        if mem:
-            row["temp_bytes"] = temp_bytes(compiled)
-        call = lambda: compiled(*args)
-    else:
-        call = lambda: fn(*args)
-    ctx = contextlib.nullcontext()
-    if torch_no_grad:
-        import torch
-
-        ctx = torch.no_grad()
-    with ctx:
-        row.update(_time_runs(call, n, warmup))
+    row, call = _prepare(name, fn, *args, jit=jit, torch_no_grad=torch_no_grad, mem=mem, **extra)
+    row.update(_time_runs([call], n, warmup)[0])
     return row
+
+
+def spec(name, fn, *args, **kw):
+    """One entry of `bench_group`: the arguments of `bench` (without n, warmup)."""
+    return name, fn, args, kw
+
+
+def bench_group(specs, n=5, warmup=1):
+    """`bench` for several callables, timed round-robin: their ratios are measured under the same load."""
+    prepared = [_prepare(name, fn, *args, **kw) for name, fn, args, kw in specs]
+    stats = _time_runs([call for _, call in prepared], n, warmup)
+    return [dict(row, **st) for (row, _), st in zip(prepared, stats)]
 
 
 def memory(name, fn, *args, **extra):
@@ -159,10 +186,28 @@ def meta(args=None, **extra):
         "command": " ".join([Path(sys.executable).name] + sys.argv),
         "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
+    m["source"] = source_state()
     if args is not None:
         m["args"] = vars(args)
     m.update(extra)
     return m
+
+
+def source_state(paths=("seqmix_jax/ops",)):
+    """Git HEAD, files under `paths` that differ from it, and a hash of those sources: what was measured.
+
+    Call `meta()` at start-up (the code under test is imported then); `write_json` records it again at the end."""
+    import hashlib
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    git = lambda *a: subprocess.run(["git", "--no-optional-locks", *a], cwd=root, capture_output=True,
+                                    text=True).stdout.strip()
+    digest = hashlib.sha256()
+    for f in sorted(p for d in paths for p in (root / d).rglob("*.py")):
+        digest.update(f.read_bytes())
+    changed = git("diff", "--name-only", "HEAD", "--", *paths).split()
+    return {"git_head": git("rev-parse", "HEAD"), "uncommitted": changed, "sha256": digest.hexdigest()[:16]}
 
 
 def _version(module):
@@ -175,7 +220,8 @@ def _version(module):
 def write_json(path, rows, meta_):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta_ = dict(meta_, load_avg_end=os.getloadavg() if hasattr(os, "getloadavg") else None)
+    meta_ = dict(meta_, load_avg_end=os.getloadavg() if hasattr(os, "getloadavg") else None,
+                 source_end=source_state())
     path.write_text(json.dumps({"meta": meta_, "rows": rows}, indent=1, default=str) + "\n")
     print(f"wrote {path}", flush=True)
 
