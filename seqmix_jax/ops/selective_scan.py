@@ -81,17 +81,16 @@ def selective_scan(x: Float[Array, "b l d"], dt: Float[Array, "b l d"], A: Float
     A = f32(A)
 
     if path == "reference":
-        ys, h = _scan_sequential(A, u, delta, Bg, Cg, keep, h0)
+        y, h = _scan_sequential(A, u, delta, Bg, Cg, keep, h0)
     elif path == "associative":
-        ys, h = _scan_associative(A, u, delta, Bg, Cg, keep, h0)
+        y, h = _scan_associative(A, u, delta, Bg, Cg, keep, h0)
     elif path == "xla":
-        ys, h = _scan_chunked(A, u, delta, Bg, Cg, keep, h0, chunk_size)
+        y, h = _scan_chunked(A, u, delta, Bg, Cg, keep, h0, chunk_size)
     else:  # resolve_impl returns "pallas" only for a registered kernel, and none is wired in yet
         raise AssertionError(f"selective_scan has no {path!r} branch")
 
-    y = ys
     if D is not None:
-        y = y + f32(x) * f32(D)
+        y = y + u * f32(D)
     if z is not None:
         y = y * jax.nn.silu(f32(z))
     y = y.astype(x.dtype)
