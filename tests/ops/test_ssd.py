@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from seqmix_jax.ops import ssd, ssd_reference, ssd_state_update
-from tests.helpers import assert_close
+from tests.helpers import assert_close, call_scan, scan_forward_and_grads
 
 PATHS = ("reference", "associative", "xla")
 ARG_NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_state")
@@ -36,11 +36,7 @@ def make_inputs(rng, b=3, l=97, h=6, p=5, n=7, g=2, dtype=jnp.float32):
     return {k: jnp.asarray(v, dtype) for k, v in arrays.items()}
 
 
-def call(args, **kw):
-    """ssd on a dict of inputs (the keys of make_inputs, any subset of the optional ones)."""
-    args = dict(args)
-    pos = [args.pop(k) for k in ("x", "dt", "A", "B", "C")]
-    return ssd(*pos, **args, **kw)
+call = functools.partial(call_scan, ssd)
 
 
 @functools.partial(jax.jit, static_argnames=("impl", "chunk_size", "dt_limit"))
@@ -51,15 +47,7 @@ def run(args, segment_ids=None, *, impl, chunk_size=16, dt_limit=None):
 
 
 def forward_and_grads(args, impl, chunk_size, key, segment_ids=None):
-    """(y, final_state) and the gradient of a random projection of both w.r.t. every input."""
-    ky, kh = jax.random.split(key)
-
-    def loss(a):
-        y, s = call(a, impl=impl, chunk_size=chunk_size, segment_ids=segment_ids, return_final_state=True)
-        return jnp.sum(y * jax.random.normal(ky, y.shape)) + jnp.sum(s * jax.random.normal(kh, s.shape)), (y, s)
-
-    (_, (y, s)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(args)
-    return y, s, grads
+    return scan_forward_and_grads(ssd, args, key, impl=impl, chunk_size=chunk_size, segment_ids=segment_ids)
 
 
 @pytest.mark.parametrize("l", [97, 7, 1], ids=["chunk_not_dividing_l", "l_shorter_than_chunk", "l_1"])
