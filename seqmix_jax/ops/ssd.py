@@ -126,10 +126,16 @@ def ssd_state_update(state, x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_
 # --- the three paths. Shapes: a (b, l, g, hg); xbar = delta x (b, l, g, hg, p); B, C (b, l, g, n);
 #     S (b, g, hg, p, n).
 
-def _ssd_sequential(a, xbar, B, C, segment_ids, S0):
+def _decay(a, segment_ids):
+    """Per-step decay exp(a) (b, l, g, hg), zero at segment starts so the state resets there."""
     decay = jnp.exp(a)
     if segment_ids is not None:
         decay = decay * (1.0 - segment_starts(segment_ids).astype(jnp.float32))[:, :, None, None]
+    return decay
+
+
+def _ssd_sequential(a, xbar, B, C, segment_ids, S0):
+    decay = _decay(a, segment_ids)
 
     def step(S, inp):
         dA, xb, Bt, Ct = inp
@@ -141,9 +147,7 @@ def _ssd_sequential(a, xbar, B, C, segment_ids, S0):
 
 
 def _ssd_associative(a, xbar, B, C, segment_ids, S0):
-    decay = jnp.exp(a)
-    if segment_ids is not None:
-        decay = decay * (1.0 - segment_starts(segment_ids).astype(jnp.float32))[:, :, None, None]
+    decay = _decay(a, segment_ids)
     dBx = xbar[..., None] * B[:, :, :, None, None, :]  # (b, l, g, hg, p, n)
 
     def combine(left, right):
