@@ -1,14 +1,16 @@
 """Pure functions on arrays. Each op has `<op>_reference` (the readable definition) and an `impl=` dispatch."""
 
+from seqmix_jax.ops.attention import attention, attention_mask, attention_reference
 from seqmix_jax.ops.conv import causal_conv1d, causal_conv1d_reference, causal_conv1d_update
 from seqmix_jax.ops.dispatch import IMPLS, Impl, resolve_impl
+from seqmix_jax.ops.fftconv import fftconv, fftconv_reference
 from seqmix_jax.ops.norms import rms_norm, rms_norm_gated, rms_norm_gated_reference, rms_norm_reference
 from seqmix_jax.ops.segments import segment_index, segment_starts
 from seqmix_jax.ops.selective_scan import selective_scan, selective_scan_reference, selective_state_update
 from seqmix_jax.ops.ssd import ssd, ssd_reference, ssd_state_update
 
 __all__ = [
-    "IMPLS", "Impl", "causal_conv1d", "causal_conv1d_reference", "causal_conv1d_update", "resolve_impl",
+    "IMPLS", "Impl", "attention", "attention_mask", "attention_reference", "fftconv", "fftconv_reference", "causal_conv1d", "causal_conv1d_reference", "causal_conv1d_update", "resolve_impl",
     "rms_norm", "rms_norm_gated", "rms_norm_gated_reference", "rms_norm_reference", "segment_index",
     "segment_starts", "selective_scan", "selective_scan_reference", "selective_state_update", "ssd",
     "ssd_reference", "ssd_state_update",
