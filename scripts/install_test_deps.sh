@@ -12,3 +12,9 @@ MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE \
   "$PIP" -m pip install --quiet --no-build-isolation --no-deps "mamba-ssm~=2.3.2"
 # mamba_ssm's ops/triton modules import triton at import time (CPU-only use here).
 "$PIP" -m pip install --quiet triton
+# stripedhyena's declared flash-attn dependency cannot build without CUDA: install it without dependencies. Its
+# Hyena blocks run on CPU in float32 as they are; its AttentionBlock needs flash-attn's Python code (MHA, rotary),
+# installed without the CUDA build (tests/parity/torch_refs.py stubs the extension and swaps in torch rotary/rmsnorm).
+"$PIP" -m pip install --quiet --no-deps "stripedhyena~=0.2.2"
+FLASH_ATTENTION_FORCE_BUILD=TRUE FLASH_ATTENTION_SKIP_CUDA_BUILD=TRUE \
+  "$PIP" -m pip install --quiet --no-build-isolation --no-deps "flash-attn~=2.8.3"

@@ -1,7 +1,15 @@
-"""flax.nnx sequence mixers. Contract: `__call__(x, *, segment_ids=None) -> (b, l, d)`; recurrent mixers add
-`init_state(batch_size)`, `prefill(x, state=None) -> (y, state)` and `step(x_t, state) -> (y_t, state)`."""
+"""flax.nnx sequence mixers and the blocks around them.
 
+Mixer contract: `__call__(x, *, segment_ids=None) -> (b, l, d)`; decoding through explicit state pytrees:
+`init_state(batch_size, ...)`, `prefill(x, state=None) -> (y, state)` and `step(x_t, state) -> (y_t, state)`."""
+
+from seqmix_jax.layers.attention import Attention, KVCache, split_fused_qkv
+from seqmix_jax.layers.hyena import HyenaFilter, HyenaOperator, HyenaState
 from seqmix_jax.layers.mamba import MambaMixer, MambaState
 from seqmix_jax.layers.mamba2 import Mamba2Mixer, Mamba2State
+from seqmix_jax.layers.mlp import GatedMLP, mlp_hidden_size
+from seqmix_jax.layers.norms import LayerNorm, RMSNorm
+from seqmix_jax.layers.striped_hyena import StripedHyenaMixer, StripedHyenaState
 
-__all__ = ["Mamba2Mixer", "Mamba2State", "MambaMixer", "MambaState"]
+__all__ = ["Attention", "GatedMLP", "HyenaFilter", "HyenaOperator", "HyenaState", "KVCache", "LayerNorm", "Mamba2Mixer", "Mamba2State", "MambaMixer", "MambaState",
+           "RMSNorm", "StripedHyenaMixer", "StripedHyenaState", "mlp_hidden_size", "split_fused_qkv"]

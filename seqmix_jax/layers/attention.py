@@ -1,0 +1,240 @@
+"""Multi-head softmax attention with GQA, RoPE (full or partial), sliding window, soft-cap and a KV cache.
+
+Axis letters: b batch, l sequence, d d_model, h query heads, g kv heads (g divides h), k head dim,
+r rotary dim, s cache slots (max_len).
+
+    q = rope(q_proj(x)) (b, l, h, k);  k = rope(k_proj(x)), v = v_proj(x) (b, l, g, k)
+    o = attention(q, k, v)                       causal softmax attention, query head i reads kv head i // (h/g)
+    y = o_proj(o.reshape(b, l, h*k))
+
+Same function and parameters as transformers `LlamaAttention` / `MistralAttention` (q_proj, k_proj, v_proj,
+o_proj; torch weights are (out, in) -> transpose for our (in, out) kernels), GLM (interleaved, partial RoPE),
+mamba_ssm `MHA` and flash-attn `MHA` once their fused `Wqkv` / `in_proj` rows are split with `split_fused_qkv`.
+
+Positions: 0..l-1 by default. With `segment_ids` the positions restart at each segment (the index within its
+segment), as each packed document would see if run alone; a segment is a run of equal adjacent ids, so an id
+reused by a later, non-adjacent document starts a new document (like the recurrent mixers' resets).
+
+Decoding keeps an explicit `KVCache` of `max_len` slots per row. `prefill` and `step` write the new (rotated) keys
+and values at slots length, length+1, ... and attend over the whole cache with `q_offset = length`: unfilled slots
+lie after every query and are masked by causality, a sliding window by the window rule. The cache is not a ring
+buffer: a windowed layer still holds max_len slots.
+
+Capacity: writing past `max_len` raises ValueError when the lengths are concrete (eager code). Under `jit` the
+lengths are tracers and nothing can raise, so an overflowing row's outputs are NaN (and stay NaN: its length keeps
+counting); the other rows are unaffected, and no valid cache slot is overwritten.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from seqmix_jax.layers._init import check_dims, linear
+from seqmix_jax.ops.attention import attention
+from seqmix_jax.ops.rotary import apply_rotary, rotary_inv_freq
+from seqmix_jax.ops.segments import check_segment_ids, segment_starts
+
+
+class KVCache(NamedTuple):
+    k: jax.Array  # (b, s, g, k) rotated keys; slots >= length are unused
+    v: jax.Array  # (b, s, g, k)
+    length: jax.Array  # (b,) int32 tokens written per row
+
+
+class Attention(nnx.Module):
+    """Causal multi-head attention mixer: (b, l, d_model) -> (b, l, d_model).
+
+    Args:
+      d_model: model width d.
+      num_heads: h query heads.
+      num_kv_heads: g key/value heads (default h; 1 = multi-query); must divide h.
+      head_dim: k (default d_model // h, which must then be exact).
+      qkv_bias, out_bias: biases of the q/k/v projections and of o_proj (False, False).
+      rotary_dim: channels of each head that RoPE rotates (None = head_dim; 0 = no RoPE); even, <= head_dim.
+      rope_base: RoPE frequency base (10000).
+      rope_interleaved: pairs (2i, 2i+1) instead of rotate-half (i, i + r/2).
+      rope_position_scale: positions are divided by it (linear RoPE interpolation; Evo 131k: 16).
+      causal: causal mask (True); decoding needs it.
+      window: sliding window w >= 1: position p sees keys p - w < j <= p (transformers' `sliding_window`).
+      softcap: attention-logit soft-cap c: scores -> c tanh(scores / c).
+      scale: score scale (default 1 / sqrt(head_dim)).
+      impl: backend of `seqmix_jax.ops.attention`.
+      dtype, param_dtype: compute and storage dtypes; softmax statistics are float32 regardless.
+      rngs: nnx.Rngs (keyword only).
+    """
+
+    def __init__(self, d_model: int, num_heads: int, *, num_kv_heads: int | None = None, head_dim: int | None = None,
+                 qkv_bias: bool = False, out_bias: bool = False, rotary_dim: int | None = None,
+                 rope_base: float = 10000.0, rope_interleaved: bool = False, rope_position_scale: float = 1.0,
+                 causal: bool = True, window: int | None = None, softcap: float | None = None,
+                 scale: float | None = None, impl: str = "auto", dtype=None, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        check_dims(d_model=d_model, num_heads=num_heads)
+        g = num_heads if num_kv_heads is None else num_kv_heads
+        check_dims(num_kv_heads=g)
+        if num_heads % g:
+            raise ValueError(f"num_heads={num_heads} must be divisible by num_kv_heads={g}")
+        if head_dim is None:
+            if d_model % num_heads:
+                raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads} when head_dim is None")
+            head_dim = d_model // num_heads
+        check_dims(head_dim=head_dim)
+        rotary_dim = head_dim if rotary_dim is None else rotary_dim
+        if not isinstance(rotary_dim, numbers.Integral) or rotary_dim < 0 or rotary_dim % 2 or rotary_dim > head_dim:
+            raise ValueError(f"rotary_dim must be an even int in [0, head_dim={head_dim}], got {rotary_dim!r}")
+        if window is not None:
+            if not isinstance(window, numbers.Integral) or isinstance(window, bool) or window < 1:
+                raise ValueError(f"window must be an int >= 1, got {window!r}")
+            if not causal:
+                raise ValueError(f"window={window} needs causal=True")
+        if softcap is not None and not (isinstance(softcap, numbers.Real) and softcap > 0):
+            raise ValueError(f"softcap must be a positive number, got {softcap!r}")
+        if not (isinstance(rope_position_scale, numbers.Real) and rope_position_scale > 0):
+            raise ValueError(f"rope_position_scale must be a positive number, got {rope_position_scale!r}")
+        self.d_model, self.num_heads, self.num_kv_heads, self.head_dim = d_model, num_heads, g, head_dim
+        self.rotary_dim, self.rope_base, self.rope_interleaved = int(rotary_dim), float(rope_base), rope_interleaved
+        self.rope_position_scale = float(rope_position_scale)
+        self.causal, self.window, self.softcap, self.impl, self.dtype = causal, window, softcap, impl, dtype
+        self.scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+        if self.rotary_dim:
+            rotary_inv_freq(self.rotary_dim, self.rope_base)  # validates the base
+        common = dict(use_bias=qkv_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = linear(d_model, num_heads * head_dim, names=("embed", "heads"), **common)
+        self.k_proj = linear(d_model, g * head_dim, names=("embed", "kv_heads"), **common)
+        self.v_proj = linear(d_model, g * head_dim, names=("embed", "kv_heads"), **common)
+        self.o_proj = linear(num_heads * head_dim, d_model, use_bias=out_bias, names=("heads", "embed"), dtype=dtype,
+                             param_dtype=param_dtype, rngs=rngs)
+
+    # --- public API
+    def __call__(self, x: Float[Array, "b l d"], *, segment_ids: Int[Array, "b l"] | None = None,
+                 positions: Int[Array, "l"] | Int[Array, "b l"] | None = None) -> Float[Array, "b l d"]:
+        """x (b, l, d) -> (b, l, d). `segment_ids (b, l)`: packed documents (no attention across a boundary,
+        positions restart per segment). `positions (l,)` or `(b, l)` overrides the RoPE positions."""
+        self._check_x(x)
+        b, l, _ = x.shape
+        seg = None
+        if segment_ids is not None:
+            check_segment_ids(segment_ids, b, l)
+            starts = segment_starts(segment_ids)
+            seg = jnp.cumsum(starts.astype(jnp.int32), axis=1)  # adjacent runs, robust to reused ids
+            if positions is None:
+                t = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+                positions = t - jax.lax.cummax(jnp.where(starts, t, 0), axis=1)
+        if positions is None:
+            positions = jnp.arange(l, dtype=jnp.int32)
+        q, k, v = self._qkv(x, positions)
+        o = attention(q, k, v, causal=self.causal, segment_ids=seg, window=self.window, softcap=self.softcap,
+                      scale=self.scale, impl=self.impl)
+        return self.o_proj(o.reshape(b, l, self.num_heads * self.head_dim))
+
+    def init_state(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty cache of `max_len` slots per row (compute dtype, else param dtype)."""
+        self._check_decodable()
+        check_dims(batch_size=batch_size, max_len=max_len)
+        dtype = self.dtype or self.k_proj.kernel[...].dtype
+        shape = (batch_size, max_len, self.num_kv_heads, self.head_dim)
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch_size,), jnp.int32))
+
+    def prefill(self, x: Float[Array, "b l d"], state: KVCache | None = None, *, max_len: int | None = None,
+                segment_ids=None) -> tuple[Float[Array, "b l d"], KVCache]:
+        """Run a prompt x (b, l, d) after the `state.length` cached tokens; returns (y, state with the prompt).
+
+        Without a state, a fresh cache of `max_len` slots (default l: room for the prompt only) is made.
+        Packed prompts (`segment_ids`) are not supported: one cache row holds one sequence."""
+        if segment_ids is not None:
+            raise NotImplementedError("Attention.prefill does not take segment_ids: a KV cache row holds one "
+                                      "sequence; prefill each document in its own row")
+        self._check_x(x)
+        if state is None:
+            state = self.init_state(x.shape[0], x.shape[1] if max_len is None else max_len)
+        return self._extend(x, state)
+
+    def step(self, x: Float[Array, "b d"], state: KVCache) -> tuple[Float[Array, "b d"], KVCache]:
+        """One token per row: x (b, d) at position `state.length` -> (y (b, d), state)."""
+        if x.ndim != 2 or x.shape[-1] != self.d_model:
+            raise ValueError(f"step expects x of shape (b, d_model={self.d_model}), got {tuple(x.shape)}")
+        y, state = self._extend(x[:, None], state)
+        return y[:, 0], state
+
+    # --- internals
+    def _extend(self, x, state: KVCache):
+        self._check_decodable()
+        b, l, _ = x.shape
+        ks, vs, length = state
+        s = ks.shape[1]
+        if ks.shape != (b, s, self.num_kv_heads, self.head_dim) or vs.shape != ks.shape or length.shape != (b,):
+            raise ValueError(f"state does not fit this layer and batch {b}: k {tuple(ks.shape)}, v {tuple(vs.shape)}, "
+                             f"length {tuple(length.shape)}; expected k, v (b, max_len, g={self.num_kv_heads}, "
+                             f"k={self.head_dim}) and length ({b},)")
+        concrete = _concrete(length)
+        if concrete is not None and int(concrete.max()) + l > s:
+            i = int(concrete.argmax())
+            raise ValueError(f"KV cache overflow: row {i} has length={int(concrete[i])} cached tokens + {l} new tokens "
+                             f"> max_len={s}; make the cache with init_state(batch_size, max_len) large enough")
+        positions = length[:, None] + jnp.arange(l, dtype=length.dtype)  # (b, l)
+        q, k, v = self._qkv(x, positions)
+        rows = jnp.arange(b)[:, None]
+        # mode="drop": an overflowing write (only possible under jit) is discarded instead of clamped onto
+        # valid slots.
+        ks = ks.at[rows, positions].set(k.astype(ks.dtype), mode="drop")
+        vs = vs.at[rows, positions].set(v.astype(vs.dtype), mode="drop")
+        o = attention(q, ks.astype(q.dtype), vs.astype(q.dtype), causal=True, window=self.window,
+                      softcap=self.softcap, scale=self.scale, q_offset=length, impl=self.impl)
+        y = self.o_proj(o.reshape(b, l, self.num_heads * self.head_dim))
+        overflow = (length + l > s)[:, None, None]
+        y = jnp.where(overflow, jnp.asarray(jnp.nan, y.dtype), y)
+        return y, KVCache(ks, vs, length + l)
+
+    def _qkv(self, x, positions):
+        b, l, _ = x.shape
+        q = self.q_proj(x).reshape(b, l, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim)
+        if self.rotary_dim:
+            rope = dict(rotary_dim=self.rotary_dim, base=self.rope_base, interleaved=self.rope_interleaved,
+                        position_scale=self.rope_position_scale)
+            q, k = apply_rotary(q, positions, **rope), apply_rotary(k, positions, **rope)
+        return q, k, v
+
+    def _check_x(self, x):
+        if x.ndim != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must have shape (b, l, d_model={self.d_model}), got {tuple(x.shape)}")
+
+    def _check_decodable(self):
+        if not self.causal:
+            raise NotImplementedError("decoding with a KV cache needs causal=True (unfilled cache slots are masked "
+                                      "by causality)")
+
+
+def split_fused_qkv(w, num_heads: int, num_kv_heads: int, head_dim: int):
+    """Split a fused qkv weight (or bias) in the flash-attn / mamba_ssm layout into (wq, wk, wv).
+
+    The rows (axis 0) are [q: h*k | k: g*k | v: g*k] with heads contiguous (flash-attn `MHA.Wqkv`, StripedHyena
+    `inner_mha_cls.Wqkv`, mamba_ssm `MHA.in_proj` without an MLP slice). A (rows, d) weight gives three torch
+    (out, in) weights; a (rows,) bias gives three biases. Transpose the weights for our nnx kernels."""
+    check_dims(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads={num_heads} must be divisible by num_kv_heads={num_kv_heads}")
+    rows = head_dim * (num_heads + 2 * num_kv_heads)
+    if w.ndim not in (1, 2) or w.shape[0] != rows:
+        raise ValueError(f"fused qkv must have {rows} = head_dim {head_dim} * (num_heads {num_heads} + 2 * "
+                         f"num_kv_heads {num_kv_heads}) rows (a (rows, d) weight or (rows,) bias), got shape "
+                         f"{tuple(w.shape)}")
+    nq, nkv = num_heads * head_dim, num_kv_heads * head_dim
+    return w[:nq], w[nq:nq + nkv], w[nq + nkv:]
+
+
+def _concrete(a):
+    """a as a numpy array, or None when it is a tracer (under jit / grad / vmap)."""
+    try:
+        return np.asarray(a)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
