@@ -1,0 +1,83 @@
+"""Decode cost vs context length: per-token `step` time after a prompt of c tokens, and the decode-state size.
+
+Mixers at d_model 256 (b=1, float32): Attention (4 heads x 64, 2 kv heads, RoPE; KV cache sized to the context),
+StripedHyenaMixer (modal state, state_size 2 as StripedHyena-7B), HyenaOperator (order 2, cached direct
+convolution, l_max = the largest context), and MambaMixer / Mamba2Mixer for comparison. The step is jitted
+once per (mixer, context) with `nnx.split` -> `jax.jit` -> `nnx.merge`; the median of n calls is reported.
+
+    python benchmarks/bench_decode.py [--quick] [-n 20] [--out benchmarks/results/decode.json]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from benchmarks import harness as H  # noqa: E402
+from seqmix_jax.layers import Attention, HyenaOperator, Mamba2Mixer, MambaMixer, StripedHyenaMixer  # noqa: E402
+
+D_MODEL = 256
+
+
+def mixers(max_context: int):
+    """name -> (module, init_state(c) -> fresh state for a context of c tokens)."""
+    r = lambda: nnx.Rngs(0)
+    attn = Attention(D_MODEL, 4, num_kv_heads=2, rngs=r())
+    sh = StripedHyenaMixer(D_MODEL, 4, state_size=2, rngs=r())
+    hy = HyenaOperator(D_MODEL, max_context + 1, rngs=r())
+    m1 = MambaMixer(D_MODEL, rngs=r())
+    m2 = Mamba2Mixer(D_MODEL, rngs=r())
+    return {
+        "Attention (KV cache)": (attn, lambda c: attn.init_state(1, c + 1)),
+        "StripedHyena (modal)": (sh, lambda c: sh.init_state(1)),
+        "Hyena (cached conv)": (hy, lambda c: hy.init_state(1)),
+        "Mamba": (m1, lambda c: m1.init_state(1)),
+        "Mamba2": (m2, lambda c: m2.init_state(1)),
+    }
+
+
+def state_bytes(state) -> int:
+    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(state))
+
+
+def main():
+    args = H.parser(__doc__.splitlines()[0], "decode.json").parse_args()
+    meta = H.meta(args)
+    contexts = [64, 256] if args.quick else [256, 1024, 4096, 16384]
+    n = 3 if args.quick else args.n
+    rows = []
+    for name, (module, fresh) in mixers(max(contexts)).items():
+        graphdef, params = nnx.split(module)
+        prefill = jax.jit(lambda p, x, st: nnx.merge(graphdef, p).prefill(x, st))
+        step = jax.jit(lambda p, x, st: nnx.merge(graphdef, p).step(x, st))
+        for c in contexts:
+            x = jax.random.normal(jax.random.key(c), (1, c, D_MODEL), jnp.float32)
+            _, state = prefill(params, x, fresh(c))
+            x_t = jax.random.normal(jax.random.key(c + 1), (1, D_MODEL), jnp.float32)
+            row = H.bench(f"{name} step", step, params, x_t, state, n=n, warmup=2, mem=False, mixer=name,
+                          context=c, state_bytes=state_bytes(state))
+            rows.append(row)
+            print(f"  {name:<22} c={c:>6}  step {H.fmt_s(row['median_s']):>9}  state {H.fmt_bytes(row['state_bytes'])}",
+                  flush=True)
+    by_mixer = {}
+    for row in rows:
+        by_mixer.setdefault(row["mixer"], []).append(row)
+    for group in by_mixer.values():
+        base = group[0]["median_s"]
+        for row in group:
+            row["vs_shortest"] = row["median_s"] / base
+    cols = [("mixer", "mixer", None), ("context", "context", None), ("step (median)", "median_s", H.fmt_s),
+            ("vs shortest context", "vs_shortest", H.fmt_x), ("decode state", "state_bytes", H.fmt_bytes)]
+    H.Table(cols, title="decode step vs context").print(rows)
+    H.write_json(args.out, rows, meta)
+
+
+if __name__ == "__main__":
+    main()
