@@ -73,10 +73,15 @@ def main():
         base = group[0]["median_s"]
         for row in group:
             row["vs_shortest"] = row["median_s"] / base
-    cols = [("mixer", "mixer", None), ("context", "context", None), ("step (median)", "median_s", H.fmt_s),
-            ("vs shortest context", "vs_shortest", H.fmt_x), ("decode state", "state_bytes", H.fmt_bytes)]
-    H.Table(cols, title="decode step vs context").print(rows)
+    print(report(rows))
     H.write_json(args.out, rows, meta)
+
+
+def report(rows, meta=None):
+    cols = [("mixer", "mixer", None), ("context", "context", None), ("step (median)", "median_s", H.fmt_s),
+            ("min", "min_s", H.fmt_s), ("vs shortest context", "vs_shortest", H.fmt_x),
+            ("decode state", "state_bytes", H.fmt_bytes)]
+    return H.Table(cols).render(rows)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import bench_memory, bench_selective_scan, bench_ssd, probe_ssd  # noqa: E402
+from benchmarks import bench_decode, bench_memory, bench_selective_scan, bench_seqops, bench_ssd, probe_ssd  # noqa: E402
 from benchmarks.harness import RESULTS  # noqa: E402
 
 SECTIONS = (("selective_scan.json", bench_selective_scan, "Mamba-1 selective scan (bench_selective_scan.py)"),
             ("ssd.json", bench_ssd, "Mamba-2 SSD (bench_ssd.py)"),
             ("memory.json", bench_memory, "Training memory vs l and n (bench_memory.py, compile only)"),
-            ("probe_ssd.json", probe_ssd, "Where the SSD time goes (probe_ssd.py)"))
+            ("probe_ssd.json", probe_ssd, "Where the SSD time goes (probe_ssd.py)"),
+            ("seqops_cpu.json", bench_seqops, "Attention and long convolutions vs l (bench_seqops.py, CPU)"),
+            ("seqops_gpu.json", bench_seqops, "Attention and long convolutions vs l (bench_seqops.py, H200 GPU)"),
+            ("decode.json", bench_decode, "Decode step vs context (bench_decode.py)"))
 
 
 def describe(meta):
@@ -32,7 +35,8 @@ def describe(meta):
         f"- command: `{meta['command']}`",
         f"- code measured: seqmix_jax/ops at {src.get('git_head', '?')[:8]}{dirty}{changed}",
         f"- load average (1/5/15 min) at start {load('load_avg')}, at end {load('load_avg_end')} "
-        f"(2 cores; the run itself accounts for up to ~2, more means other jobs shared the machine)"])
+        f"({m['cpu_count']} cores; on the 2-core VM the run itself accounts for up to ~2, more means other jobs "
+        "shared the machine)"])
 
 
 def main():

@@ -44,3 +44,15 @@ def scan_forward_and_grads(op, args: dict, key, **kw):
 
     (_, (y, s)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(args)
     return y, s, grads
+
+
+def check_mixer_input_errors(m, d_model: int, batch: int = 2):
+    """The mixer contract's shape errors: wrong width for __call__ and step, segment_ids of the wrong length."""
+    import pytest
+
+    with pytest.raises(ValueError, match=rf"x must have shape \(b, l, d_model={d_model}\)"):
+        m(jnp.zeros((batch, 5, d_model - 1)))
+    with pytest.raises(ValueError, match=rf"step expects x of shape \(b, d_model={d_model}\)"):
+        m.step(jnp.zeros((batch, 1, d_model)), m.init_state(batch))
+    with pytest.raises(ValueError, match="segment_ids"):
+        m(jnp.zeros((batch, 5, d_model)), segment_ids=jnp.zeros((batch, 4), jnp.int32))

@@ -13,7 +13,7 @@ import pytest
 from flax import linen, nnx
 
 from seqmix_jax.layers.striped_hyena import StripedHyenaMixer, StripedHyenaState
-from tests.helpers import assert_close
+from tests.helpers import assert_close, check_mixer_input_errors
 
 D_MODEL, HEADS, N = 24, 4, 3
 
@@ -215,12 +215,7 @@ def test_inside_a_linen_module_via_bridge(key):
 
 def test_bad_inputs_raise():
     m = make()
-    with pytest.raises(ValueError, match=r"x must have shape \(b, l, d_model=24\)"):
-        m(jnp.zeros((2, 5, 23)))
-    with pytest.raises(ValueError, match=r"step expects x of shape \(b, d_model=24\)"):
-        m.step(jnp.zeros((2, 1, 24)), m.init_state(2))
-    with pytest.raises(ValueError, match="segment_ids"):
-        m(jnp.zeros((2, 5, 24)), segment_ids=jnp.zeros((2, 4), jnp.int32))
+    check_mixer_input_errors(m, 24)
     with pytest.raises(ValueError, match=r"hyena_filter expects z of shape \(b, l, 3 \* d_model=72\)"):
         m.hyena_filter(jnp.zeros((2, 5, 24)))
     with pytest.raises(ValueError, match="state must be a StripedHyenaState"):
