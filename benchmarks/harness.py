@@ -132,6 +132,8 @@ def skipped(name, reason, **extra):
 def fmt_s(v):
     if v is None:
         return "-"
+    if v < 1e-3:
+        return f"{v * 1e6:.1f} us"
     return f"{v * 1e3:.1f} ms" if v < 1 else f"{v:.2f} s"
 
 
