@@ -8,6 +8,9 @@ stripedhyena), loaded with `seqmix_jax.models.checkpoints.from_pretrained`, and 
     checkpoint layout by the same key map the exporter uses);
   * export: `save_pretrained(ours)` -> transformers `from_pretrained` (stripedhyena: `load_state_dict(strict=True)`)
     -> logits equal to the original model's within 1e-6.
+The PyTorch side of the checkpoint comparison and of the export round trip goes through `seqmix_jax.compare` (the
+`python -m seqmix_jax.compare` CLI users run): `compare_checkpoint` on the saved directory must pass at 1e-5 for the
+residual stream after every block as well as for the logits, and `load_torch_model` reloads the export.
 Every parameter is moved away from its init first (norm weights, A_log, D, biases, poles), so a parameter that is
 ignored, swapped or mis-laid cannot pass.
 """
@@ -22,6 +25,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from seqmix_jax.compare import compare_checkpoint, format_table, load_torch_model, torch_forward
 from seqmix_jax.models.checkpoints import from_pretrained, key_map, read_config, save_pretrained
 from tests.helpers import assert_close
 from tests.parity import torch_refs
@@ -99,6 +103,14 @@ def _ours_logits_and_grads(model, ids, fmt, strip=""):
     return np.asarray(logits), grads
 
 
+def _compare_layers(path, ids):
+    """`seqmix_jax.compare` on the saved checkpoint with the test's ids: every block's output and the logits."""
+    report = compare_checkpoint(path, tokens=ids, tol=OUT_TOL)
+    print(format_table(report))
+    assert report["shape"] == list(ids.shape)
+    assert report["ok"], f"{report['first_divergent']} diverges first"
+
+
 def _compare(name, logits, grads, ref_logits, ref_grads, aliases=None):
     assert_close(f"{name} logits", logits, ref_logits, OUT_TOL)
     aliases = aliases or {}
@@ -111,7 +123,7 @@ def _compare(name, logits, grads, ref_logits, ref_grads, aliases=None):
 
 @pytest.mark.parametrize("kind", ["mamba", "mamba2", "llama"])
 def test_transformers_models_load_match_and_export(tmp_path, rng, kind):
-    torch = torch_refs.torch()
+    torch_refs.torch()
     tf = torch_refs.require("transformers")
     ref = _hf(kind)
     ref.save_pretrained(tmp_path / "hf")
@@ -123,11 +135,12 @@ def test_transformers_models_load_match_and_export(tmp_path, rng, kind):
     logits, grads = _ours_logits_and_grads(ours, ids, fmt)
     # transformers names the embedding `embeddings` (Mamba) — the same as our key map
     _compare(kind, logits, grads, ref_logits, ref_grads)
+    _compare_layers(tmp_path / "hf", ids)
 
     save_pretrained(ours, tmp_path / "export")
-    back = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "export").float().eval()
-    with torch.no_grad():
-        back_logits = back(torch.tensor(ids)).logits.numpy()
+    back = load_torch_model(tmp_path / "export")
+    assert isinstance(back, tf.PreTrainedModel)
+    back_logits, _ = torch_forward(back, ids)
     assert_close(f"{kind} export -> transformers logits", back_logits, ref_logits, EXPORT_TOL)
 
 
@@ -178,11 +191,10 @@ def test_striped_hyena_loads_matches_and_exports(tmp_path, rng, prefix):
     ours = from_pretrained(d)
     logits, grads = _ours_logits_and_grads(ours, ids, "stripedhyena")
     _compare("stripedhyena", logits, grads, ref_logits, ref_grads)
+    _compare_layers(d, ids)
 
     save_pretrained(ours, tmp_path / "export")
-    back = _sh_model(json.loads((tmp_path / "export" / "config.json").read_text()))
-    st = torch_refs.require("safetensors.torch")
-    back.load_state_dict(st.load_file(str(tmp_path / "export" / "model.safetensors")), strict=True)
-    with torch.no_grad():
-        back_logits = back(torch.tensor(ids))[0].numpy()
+    back = load_torch_model(tmp_path / "export")  # StripedHyena(config) + load_state_dict(strict=True)
+    assert type(back).__name__ == "StripedHyena"
+    back_logits, _ = torch_forward(back, ids)
     assert_close("stripedhyena export -> stripedhyena logits", back_logits, ref_logits, EXPORT_TOL)
