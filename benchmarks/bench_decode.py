@@ -7,6 +7,10 @@ once per (mixer, context) with `nnx.split` -> `jax.jit` -> `nnx.merge`, as a `la
 generation loop: the state is a loop carry, updated in place); the median of n calls divided by STEPS is the
 per-token time.
 
+Then the same for whole language models (`--models`): each preset at d_model 256, 4 layers, vocab 1024 (Mamba,
+Mamba-2, Llama with GQA, StripedHyena striping, and the hybrid pattern "MSAM"), per-token `LM.step` after a prompt
+of c tokens.
+
     python benchmarks/bench_decode.py [--quick] [-n 20] [--out benchmarks/results/decode.json]
 """
 
@@ -24,6 +28,8 @@ from flax import nnx  # noqa: E402
 
 from benchmarks import harness as H  # noqa: E402
 from seqmix_jax.layers import Attention, HyenaOperator, Mamba2Mixer, MambaMixer, StripedHyenaMixer  # noqa: E402
+from seqmix_jax.models import (LM, llama_preset, mamba2_preset, mamba_preset, pattern_config,  # noqa: E402
+                               striped_hyena_preset)
 
 D_MODEL = 256
 STEPS = 16
@@ -46,6 +52,23 @@ def mixers(max_context: int):
     }
 
 
+def models():
+    """name -> LM (d_model 256, 4 layers, vocab 1024, float32)."""
+    v, d, n = 1024, 256, 4
+    configs = {
+        "Mamba LM": mamba_preset(d_model=d, n_layer=n, vocab_size=v),
+        "Mamba-2 LM": mamba2_preset(d_model=d, n_layer=n, vocab_size=v, ssm_cfg={"headdim": 64}),
+        "Llama LM": llama_preset(vocab_size=v, hidden_size=d, intermediate_size=688, num_hidden_layers=n,
+                                 num_attention_heads=4, num_key_value_heads=2),
+        "StripedHyena LM": striped_hyena_preset(vocab_size=v, hidden_size=d, num_layers=n, num_attention_heads=4,
+                                                proj_groups=2, inner_mlp_size=688),
+        "hybrid MSAM": pattern_config("MSAM", vocab_size=v, d_model=d, mlp=True, mlp_hidden=688,
+                                      mixer_kwargs={"attention": {"num_heads": 4, "num_kv_heads": 2},
+                                                    "striped_hyena": {"num_heads": 4}}),
+    }
+    return {name: LM(c, rngs=nnx.Rngs(0)) for name, c in configs.items()}
+
+
 def decode(module, xs, state):
     """STEPS tokens xs (STEPS, b, d) through `module.step`, the state carried by `lax.scan`."""
     def body(st, x):
@@ -61,26 +84,22 @@ def state_bytes(state) -> int:
 
 
 def main():
-    args = H.parser(__doc__.splitlines()[0], "decode.json").parse_args()
+    p = H.parser(__doc__.splitlines()[0], "decode.json")
+    p.add_argument("--no-models", action="store_true", help="mixers only, no whole-model presets")
+    args = p.parse_args()
     meta = H.meta(args)
     contexts = [64, 256] if args.quick else [256, 1024, 4096, 16384]
     n = 3 if args.quick else args.n
     rows = []
     for name, (module, fresh) in mixers(max(contexts)).items():
-        graphdef, params = nnx.split(module)
-        prefill = jax.jit(lambda p, x, st: nnx.merge(graphdef, p).prefill(x, st))
-        step = jax.jit(lambda p, xs, st: decode(nnx.merge(graphdef, p), xs, st))
-        for c in contexts:
-            x = jax.random.normal(jax.random.key(c), (1, c, D_MODEL), jnp.float32)
-            _, state = prefill(params, x, fresh(c))
-            xs = jax.random.normal(jax.random.key(c + 1), (STEPS, 1, D_MODEL), jnp.float32)
-            row = H.bench(f"{name} step", step, params, xs, state, n=n, warmup=2, mem=False, mixer=name,
-                          context=c, state_bytes=state_bytes(state))
-            for k in ("median_s", "min_s", "max_s"):
-                row[k] /= STEPS
-            rows.append(row)
-            print(f"  {name:<22} c={c:>6}  step {H.fmt_s(row['median_s']):>9}  state {H.fmt_bytes(row['state_bytes'])}",
-                  flush=True)
+        rows += measure(name, module, fresh, contexts, n, lambda c: jax.random.normal(
+            jax.random.key(c), (1, c, D_MODEL), jnp.float32), lambda c: jax.random.normal(
+            jax.random.key(c + 1), (STEPS, 1, D_MODEL), jnp.float32), kind="mixer")
+    if not args.no_models:
+        for name, model in models().items():
+            rows += measure(name, model, lambda c, m=model: m.init_state(1, c + STEPS), contexts, n,
+                            lambda c: jax.random.randint(jax.random.key(c), (1, c), 0, 1000),
+                            lambda c: jax.random.randint(jax.random.key(c + 1), (STEPS, 1), 0, 1000), kind="model")
     by_mixer = {}
     for row in rows:
         by_mixer.setdefault(row["mixer"], []).append(row)
@@ -90,6 +109,24 @@ def main():
             row["vs_shortest"] = row["median_s"] / base
     print(report(rows))
     H.write_json(args.out, rows, meta)
+
+
+def measure(name, module, fresh, contexts, n, prompt, tokens, kind):
+    """Per-token decode time after a prompt of each context length: rows for `report`."""
+    graphdef, params = nnx.split(module)
+    prefill = jax.jit(lambda p, x, st: nnx.merge(graphdef, p).prefill(x, st))
+    step = jax.jit(lambda p, xs, st: decode(nnx.merge(graphdef, p), xs, st))
+    rows = []
+    for c in contexts:
+        _, state = prefill(params, prompt(c), fresh(c))
+        row = H.bench(f"{name} step", step, params, tokens(c), state, n=n, warmup=2, mem=False, mixer=name,
+                      kind=kind, context=c, state_bytes=state_bytes(state))
+        for k in ("median_s", "min_s", "max_s"):
+            row[k] /= STEPS
+        rows.append(row)
+        print(f"  {name:<22} c={c:>6}  step {H.fmt_s(row['median_s']):>9}  state {H.fmt_bytes(row['state_bytes'])}",
+              flush=True)
+    return rows
 
 
 def report(rows, meta=None):
