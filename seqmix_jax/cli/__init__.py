@@ -1,0 +1,1 @@
+"""Command-line entry points (wiring only: parse arguments, build, run). See seqmix_jax/cli/generate.py."""
