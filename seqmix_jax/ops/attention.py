@@ -216,15 +216,21 @@ def _unblock_kv(cfg, x):
     return x.reshape(x.shape[0], cfg.nk * cfg.bk, *x.shape[3:])[:, :cfg.s]
 
 
-def _block_mask(cfg, i, j, offsets, q_seg, kv_seg):
-    """(b or 1, 1, bq, 1, bk) bool for query block i against key block j, or None when nothing is masked."""
+def _block_mask(cfg, i, j, offsets, q_seg, kv_seg, key_start=None):
+    """(b or 1, 1, bq, 1, bk) bool for query block i against key block j, or None when nothing is masked.
+
+    `key_start`: the block's keys are key_start + [0, bk) (an unpadded slice that ends at s, see `_kv_slice`);
+    keys before j * bk belong to block j - 1 and are masked here."""
     t = i * cfg.bq + jnp.arange(cfg.bq)  # query indices
-    c = j * cfg.bk + jnp.arange(cfg.bk)  # key indices = key positions
+    c = (j * cfg.bk if key_start is None else key_start) + jnp.arange(cfg.bk)  # key indices = key positions
     pos = offsets[:, None] + t[None, :]  # (b, bq) query positions
     parts = []
     if cfg.nq * cfg.bq != cfg.l:
         parts.append((t < cfg.l)[None, :, None])
-    if cfg.nk * cfg.bk != cfg.s:
+    if key_start is not None:
+        if cfg.nk * cfg.bk != cfg.s:
+            parts.append((c >= j * cfg.bk)[None, None, :])
+    elif cfg.nk * cfg.bk != cfg.s:
         parts.append((c < cfg.s)[None, None, :])
     if cfg.causal:
         parts.append(c[None, None, :] <= pos[:, :, None])
@@ -275,6 +281,11 @@ def _scores(cfg, qi, kj, mask):
     return sc, t
 
 
+def _kv_slice(x, start, size):
+    """(b, s, g, k) -> the (b, g, size, k) block of keys start .. start + size - 1."""
+    return jnp.swapaxes(jax.lax.dynamic_slice_in_dim(x, start, size, axis=1), 1, 2)
+
+
 def _prepare(cfg, q, k, v, q_seg, kv_seg):
     dt = jnp.result_type(q, k, v)
     g = k.shape[2]
@@ -285,7 +296,13 @@ def _prepare(cfg, q, k, v, q_seg, kv_seg):
 
 def _forward(cfg, q, k, v, q_seg, kv_seg, offsets):
     """Output (b, l, h, k) in float32 (or wider) and lse (nq, b, g, bq, r) in float32."""
-    qb, kb, vb, qsb, ksb = _prepare(cfg, q, k, v, q_seg, kv_seg)
+    # Queries are blocked up front; keys and values are sliced per visited block from the unpadded (b, s, g, k)
+    # arrays, so a decode step against a large, mostly empty KV cache costs O(visited blocks), not O(s).
+    dt = jnp.result_type(q, k, v)
+    g = k.shape[2]
+    qb = _q_blocks(cfg, q.astype(dt).reshape(*q.shape[:2], g, q.shape[2] // g, q.shape[3]))
+    qsb = _seg_blocks(q_seg, cfg.nq, cfg.bq)
+    k, v = k.astype(dt), v.astype(dt)
     acc_t = _acc_dtype(qb.dtype)
     row_shape = qb.shape[1:-1]  # (b, g, bq, r)
 
@@ -294,12 +311,15 @@ def _forward(cfg, q, k, v, q_seg, kv_seg, offsets):
 
         def key_block(j, carry):
             m, den, acc = carry
-            mask = _block_mask(cfg, i, j, offsets, qsi, None if ksb is None else ksb[j])
-            sc, _ = _scores(cfg, qi, kb[j], mask)
+            start = jnp.minimum(j * cfg.bk, cfg.s - cfg.bk)
+            kj, vj = _kv_slice(k, start, cfg.bk), _kv_slice(v, start, cfg.bk)
+            ksj = None if kv_seg is None else jax.lax.dynamic_slice_in_dim(kv_seg, start, cfg.bk, axis=1)
+            mask = _block_mask(cfg, i, j, offsets, qsi, ksj, key_start=start)
+            sc, _ = _scores(cfg, qi, kj, mask)
             m_new = jnp.maximum(m, sc.max(-1))  # stays NEG_INF (finite) while every key so far is masked
             alpha = jnp.exp(m - m_new)
             p = jnp.exp(sc - m_new[..., None])
-            pv = jnp.einsum("bgqrs,bgsk->bgqrk", p.astype(vb.dtype), vb[j], preferred_element_type=acc_t)
+            pv = jnp.einsum("bgqrs,bgsk->bgqrk", p.astype(vj.dtype), vj, preferred_element_type=acc_t)
             return m_new, alpha * den + p.sum(-1), alpha[..., None] * acc + pv
 
         init = (jnp.full(row_shape, NEG_INF, acc_t), jnp.zeros(row_shape, acc_t), jnp.zeros(qi.shape, acc_t))
