@@ -191,13 +191,13 @@ class LM(nnx.Module):
             new.append(s)
         return self._head(r), tuple(new)
 
-    # --- internals
     def save_pretrained(self, path, **kwargs) -> None:
         """Export to the Hugging Face / stripedhyena layout (see `seqmix_jax.models.checkpoints.save_pretrained`)."""
         from seqmix_jax.models.checkpoints import save_pretrained  # checkpoints imports this module
 
         save_pretrained(self, path, **kwargs)
 
+    # --- internals
     def _embed(self, ids):
         r = self.embed(ids)
         if self.config.residual_in_fp32:
