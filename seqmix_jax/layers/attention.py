@@ -38,14 +38,14 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from seqmix_jax.layers._init import check_dims, linear
-from seqmix_jax.ops.attention import attention
+from seqmix_jax.ops.attention import attention, attention_decode
 from seqmix_jax.ops.rotary import apply_rotary, rotary_inv_freq
 from seqmix_jax.ops.segments import check_segment_ids, segment_starts
 
 
 class KVCache(NamedTuple):
-    k: jax.Array  # (b, s, g, k) rotated keys; slots >= length are unused
-    v: jax.Array  # (b, s, g, k)
+    k: jax.Array  # (b, g, s, k) rotated keys, head-major (a decode step reads each head's keys contiguously);
+    v: jax.Array  # (b, g, s, k)  slots >= length are unused
     length: jax.Array  # (b,) int32 tokens written per row
 
 
@@ -140,7 +140,7 @@ class Attention(nnx.Module):
         self._check_decodable()
         check_dims(batch_size=batch_size, max_len=max_len)
         dtype = self.dtype or self.k_proj.kernel[...].dtype
-        shape = (batch_size, max_len, self.num_kv_heads, self.head_dim)
+        shape = (batch_size, self.num_kv_heads, max_len, self.head_dim)
         return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch_size,), jnp.int32))
 
     def prefill(self, x: Float[Array, "b l d"], state: KVCache | None = None, *, max_len: int | None = None,
@@ -169,10 +169,10 @@ class Attention(nnx.Module):
         self._check_decodable()
         b, l, _ = x.shape
         ks, vs, length = state
-        s = ks.shape[1]
-        if ks.shape != (b, s, self.num_kv_heads, self.head_dim) or vs.shape != ks.shape or length.shape != (b,):
+        s = ks.shape[2]
+        if ks.shape != (b, self.num_kv_heads, s, self.head_dim) or vs.shape != ks.shape or length.shape != (b,):
             raise ValueError(f"state does not fit this layer and batch {b}: k {tuple(ks.shape)}, v {tuple(vs.shape)}, "
-                             f"length {tuple(length.shape)}; expected k, v (b, max_len, g={self.num_kv_heads}, "
+                             f"length {tuple(length.shape)}; expected k, v (b, g={self.num_kv_heads}, max_len, "
                              f"k={self.head_dim}) and length ({b},)")
         concrete = _concrete(length)
         if concrete is not None and int(concrete.max()) + l > s:
@@ -181,13 +181,14 @@ class Attention(nnx.Module):
                              f"> max_len={s}; make the cache with init_state(batch_size, max_len) large enough")
         positions = length[:, None] + jnp.arange(l, dtype=length.dtype)  # (b, l)
         q, k, v = self._qkv(x, positions)
-        rows = jnp.arange(b)[:, None]
-        # mode="drop": an overflowing write (only possible under jit) is discarded instead of clamped onto
-        # valid slots.
-        ks = ks.at[rows, positions].set(k.astype(ks.dtype), mode="drop")
-        vs = vs.at[rows, positions].set(v.astype(vs.dtype), mode="drop")
-        o = attention(q, ks.astype(q.dtype), vs.astype(q.dtype), causal=True, window=self.window,
-                      softcap=self.softcap, scale=self.scale, q_offset=length, impl=self.impl)
+        ks, vs = _write_cache(ks, k, positions), _write_cache(vs, v, positions)
+        if l == 1:  # a decode step: one query per row against the head-major cache
+            o = attention_decode(q[:, 0], ks.astype(q.dtype), vs.astype(q.dtype), length, window=self.window,
+                                 softcap=self.softcap, scale=self.scale, impl=_decode_impl(self.impl))[:, None]
+        else:
+            o = attention(q, jnp.swapaxes(ks, 1, 2).astype(q.dtype), jnp.swapaxes(vs, 1, 2).astype(q.dtype),
+                          causal=True, window=self.window, softcap=self.softcap, scale=self.scale, q_offset=length,
+                          impl=self.impl)
         y = self.o_proj(o.reshape(b, l, self.num_heads * self.head_dim))
         overflow = (length + l > s)[:, None, None]
         y = jnp.where(overflow, jnp.asarray(jnp.nan, y.dtype), y)
@@ -230,6 +231,30 @@ def split_fused_qkv(w, num_heads: int, num_kv_heads: int, head_dim: int):
                          f"{tuple(w.shape)}")
     nq, nkv = num_heads * head_dim, num_kv_heads * head_dim
     return w[:nq], w[nq:nq + nkv], w[nq + nkv:]
+
+
+def _write_cache(cache, x, positions):
+    """cache (b, g, s, k) with x (b, l, g, k) written at slots positions (b, l).
+
+    The scatter runs on the (b * g, s, k) view with one index row per (row, kv head): measured on XLA:CPU, that
+    keeps it an in-place update inside the decode loop, where the (b, g, s, k) form (rewritten to a
+    dynamic-update-slice when b = 1) made XLA copy the whole cache several times per step. The barrier stops
+    XLA from fusing a second copy of the update into the attention that reads the cache. An overflowing write
+    (only possible under jit) lands wherever XLA puts out-of-range updates (dropped, or clamped onto the row's
+    last slot); either way `_extend` makes that row's output NaN from then on, so nothing valid is lost."""
+    b, g, s, dk = cache.shape
+    l = x.shape[1]
+    flat = cache.reshape(b * g, s, dk)
+    rows = jnp.arange(b * g)[:, None]
+    slots = jnp.repeat(positions, g, axis=0)  # (b * g, l)
+    upd = jnp.swapaxes(x, 1, 2).reshape(b * g, l, dk).astype(cache.dtype)
+    flat = flat.at[rows, slots].set(upd, mode="promise_in_bounds")
+    return jax.lax.optimization_barrier(flat).reshape(b, g, s, dk)
+
+
+def _decode_impl(impl: str) -> str:
+    """The single-query decode op has reference and xla paths only (a kernel buys nothing for one query)."""
+    return "reference" if impl == "reference" else "xla"
 
 
 def _concrete(a):

@@ -1,6 +1,6 @@
 """Pure functions on arrays. Each op has `<op>_reference` (the readable definition) and an `impl=` dispatch."""
 
-from seqmix_jax.ops.attention import attention, attention_mask, attention_reference
+from seqmix_jax.ops.attention import attention, attention_decode, attention_mask, attention_reference
 from seqmix_jax.ops.conv import causal_conv1d, causal_conv1d_reference, causal_conv1d_update
 from seqmix_jax.ops.dispatch import IMPLS, Impl, resolve_impl
 from seqmix_jax.ops.fftconv import fftconv, fftconv_reference
@@ -13,7 +13,7 @@ from seqmix_jax.ops.selective_scan import selective_scan, selective_scan_referen
 from seqmix_jax.ops.ssd import ssd, ssd_reference, ssd_state_update
 
 __all__ = [
-    "IMPLS", "Impl", "apply_rotary", "apply_rotary_reference", "as_complex", "attention", "attention_mask",
+    "IMPLS", "Impl", "apply_rotary", "apply_rotary_reference", "as_complex", "attention", "attention_decode", "attention_mask",
     "attention_reference", "causal_conv1d", "causal_conv1d_reference", "causal_conv1d_update", "fftconv",
     "fftconv_reference", "from_stripedhyena", "modal_filter", "modal_prefill", "modal_prefill_fft", "modal_scan",
     "modal_scan_reference", "modal_step", "resolve_impl", "rms_norm", "rms_norm_gated", "rms_norm_gated_reference",

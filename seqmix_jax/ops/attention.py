@@ -77,6 +77,58 @@ def attention_reference(q, k, v, *, causal=True, segment_ids=None, window=None, 
     return _attention_reference(q, k, v, causal, q_seg, kv_seg, window, softcap, scale, q_offset)
 
 
+def attention_decode(q: Float[Array, "b h k"], k_cache: Float[Array, "b g s k"], v_cache: Float[Array, "b g s k"],
+                     position: Int[Array, "b"], *, window: int | None = None, softcap: float | None = None,
+                     scale: float | None = None, impl: Impl = "auto") -> Float[Array, "b h k"]:
+    """One causal query per row against a head-major KV cache: the decode step of `attention`.
+
+    Args:
+      q: (b, h, k) the query of each row, at position `position[b]`.
+      k_cache, v_cache: (b, g, s, k) keys and values laid out head-major (each head's keys contiguous, so the
+        scores are one (1 x k) @ (k x s) product per kv head); slot j holds position j.
+      position: (b,) int, the query's position; keys j <= position (and > position - window) are attended,
+        later slots (unwritten cache) are ignored.
+      window, softcap, scale: as `attention`.
+      impl: "auto"/"xla" (the product above, float32 statistics) or "reference" (`attention_reference` on the
+        sequence-major view of the cache, i.e. the definition).
+
+    Returns:
+      (b, h, k) in q.dtype; equals `attention(q[:, None], k, v, causal=True, q_offset=position)[:, 0]` with k, v
+      the cache transposed to (b, s, g, k).
+    """
+    if q.ndim != 3 or k_cache.ndim != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"attention_decode expects q (b, h, k) and k_cache, v_cache (b, g, s, k) of one shape, got "
+                         f"q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}")
+    b, h, dk = q.shape
+    g, s = k_cache.shape[1], k_cache.shape[2]
+    if k_cache.shape[0] != b or k_cache.shape[3] != dk or h % g:
+        raise ValueError(f"attention_decode: q {tuple(q.shape)} does not fit k_cache {tuple(k_cache.shape)} "
+                         f"(need the same b and k, and g={g} dividing h={h})")
+    position = jnp.broadcast_to(jnp.asarray(position, jnp.int32), (b,))
+    path = resolve_impl("attention", impl, ("reference", "xla"), q=q, k=k_cache, v=v_cache)
+    seq_major = jax.ShapeDtypeStruct((b, s, g, dk), k_cache.dtype)  # the layout `attention` validates
+    _, _, _, scale = _check_attention_args(jax.ShapeDtypeStruct((b, 1, h, dk), q.dtype), seq_major, seq_major, True,
+                                           None, window, softcap, scale, position)
+    if path == "reference":
+        kt, vt = jnp.swapaxes(k_cache, 1, 2), jnp.swapaxes(v_cache, 1, 2)
+        return _attention_reference(q[:, None], kt, vt, True, None, None, window, softcap, scale, position)[:, 0]
+    qg = q.reshape(b, g, h // g, dk)
+    scores = jnp.einsum("bgrk,bgsk->bgrs", qg, k_cache, preferred_element_type=jnp.float32) * scale
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
+    key_pos = jnp.arange(s)[None, :]
+    mask = key_pos <= position[:, None]
+    if window is not None:
+        mask = mask & (key_pos > position[:, None] - window)
+    mask = mask[:, None, None, :]
+    scores = jnp.where(mask, scores, NEG_INF)
+    p = jnp.where(mask, jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True)), 0.0)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(denom == 0, 1.0, denom)
+    out = jnp.einsum("bgrs,bgsk->bgrk", p.astype(v_cache.dtype), v_cache, preferred_element_type=jnp.float32)
+    return out.reshape(b, h, dk).astype(q.dtype)
+
+
 def attention_mask(l: int, s: int, *, causal: bool, q_offset, window=None, q_segment_ids=None,
                    kv_segment_ids=None) -> jnp.ndarray:
     """(b or 1, l, s) bool: True where query i may attend key j (the rules in the module docstring)."""

@@ -103,7 +103,7 @@ def test_prefill_default_state_last_only():
     ids = ids_of(2, 2, 12)
     full, _ = jitted(m)[0](ids, None)
     last, state = jit_apply(m, lambda m, ids: m.prefill(ids, last_only=True))(ids)  # a state of l tokens
-    assert last.shape == (2, 1, CONFIGS["llama"].padded_vocab_size) and state[0].k.shape[1] == 12
+    assert last.shape == (2, 1, CONFIGS["llama"].padded_vocab_size) and state[0].k.shape[2] == 12
     assert_close("prefill last_only", last[:, 0], full[:, -1], 1e-5)
 
 
