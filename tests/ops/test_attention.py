@@ -355,3 +355,49 @@ def test_impl_errors(monkeypatch):
 def test_auto_is_xla_on_cpu(rng):
     q, k, v = make_qkv(rng)
     assert np.array_equal(attention(q, k, v, window=9), attention(q, k, v, window=9, impl="xla"))
+
+
+# --- attention_decode: one query per row against a head-major (b, g, s, k) cache ------------------------------
+
+@pytest.mark.parametrize("impl", ["xla", "reference"])
+@pytest.mark.parametrize("kw", [{}, {"window": 5}, {"softcap": 1.5, "scale": 0.3}], ids=["plain", "window", "softcap"])
+def test_attention_decode_matches_the_loop_definition(rng, impl, kw):
+    from seqmix_jax.ops import attention_decode
+    b, s, h, g, dk = 3, 29, 6, 2, 8
+    q, k, v = make_qkv(rng, b=b, l=1, s=s, h=h, g=g, k=dk)
+    position = jnp.asarray([0, 11, s - 1], jnp.int32)  # first slot, middle (later slots are unwritten), last
+    got = attention_decode(q[:, 0], jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), position, impl=impl, **kw)
+    want = np.stack([loop_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], q_offset=int(position[i]), **kw)[0, 0]
+                     for i in range(b)])
+    assert got.shape == (b, h, dk)
+    assert_close(f"attention_decode[{impl}] vs loop", got, want, 1e-5)
+
+
+def test_attention_decode_ignores_slots_after_the_position(rng):
+    from seqmix_jax.ops import attention_decode
+    q, k, v = make_qkv(rng, b=2, l=1, s=16, h=4, g=4, k=8)
+    kc, vc = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    pos = jnp.asarray([6, 9])
+    a = attention_decode(q[:, 0], kc, vc, pos)
+    b = attention_decode(q[:, 0], kc.at[:, :, 10:].set(1e4), vc.at[:, :, 10:].set(-3e3), pos)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("args, match", [
+    (((2, 4, 8), (2, 2, 16, 8), (2, 2, 16, 4)), "k_cache, v_cache"),
+    (((2, 4, 8), (2, 16, 8), (2, 16, 8)), "k_cache, v_cache"),
+    (((2, 4, 8), (3, 2, 16, 8), (3, 2, 16, 8)), "does not fit"),
+    (((2, 3, 8), (2, 2, 16, 8), (2, 2, 16, 8)), "does not fit"),
+])
+def test_attention_decode_bad_shapes(args, match):
+    from seqmix_jax.ops import attention_decode
+    q, k, v = (jnp.zeros(s) for s in args)
+    with pytest.raises(ValueError, match=match):
+        attention_decode(q, k, v, jnp.zeros((2,), jnp.int32))
+
+
+def test_attention_decode_bad_window():
+    from seqmix_jax.ops import attention_decode
+    z = jnp.zeros((2, 2, 16, 8))
+    with pytest.raises(ValueError, match="window"):
+        attention_decode(jnp.zeros((2, 4, 8)), z, z, jnp.zeros((2,), jnp.int32), window=0)
