@@ -49,6 +49,7 @@ from seqmix_jax.layers import Attention, GatedMLP, HyenaOperator, LayerNorm, Mam
 from seqmix_jax.layers import StripedHyenaMixer
 from seqmix_jax.layers._init import axes, check_dims, linear
 from seqmix_jax.models.config import BlockSpec, ModelConfig
+from seqmix_jax.parallel import constrain
 
 MIXER_CLASSES = {"attention": Attention, "hyena": HyenaOperator, "striped_hyena": StripedHyenaMixer,
                  "mamba": MambaMixer, "mamba2": Mamba2Mixer}
@@ -142,17 +143,24 @@ class LM(nnx.Module):
 
     # --- full sequence
     def __call__(self, input_ids: Int[Array, "b l"], *, segment_ids: Int[Array, "b l"] | None = None,
-                 return_hidden: bool = False):
+                 return_hidden: bool = False, logits_at: Int[Array, "b n"] | None = None):
         """input_ids (b, l) -> logits (b, l, v) float32; with return_hidden, (logits, hidden) where hidden is the
         list of residual-stream states (b, l, d) after each block (before norm_f), as transformers'
         output_hidden_states[1:] for Mamba. `segment_ids (b, l)`: packed documents; every mixer resets at
-        segment starts (Hyena layers raise NotImplementedError)."""
+        segment starts (Hyena layers raise NotImplementedError). `logits_at (b, n)`: positions per row; the head
+        runs there only and the logits are (b, n, v) (a trainer whose loss covers few positions, e.g. MQAR
+        queries, skips the rest of the head's matmul)."""
         self._check_ids(input_ids, ndim=2)
-        r = self._embed(input_ids)
+        # Residual stream sharded at block boundaries when the trainer activated mesh rules (identity otherwise).
+        r = constrain(self._embed(input_ids), ("batch", "length", "embed"))
         hidden = []
         for block in self.blocks:
-            r = block(r, segment_ids=segment_ids)
+            r = constrain(block(r, segment_ids=segment_ids), ("batch", "length", "embed"))
             hidden.append(r)
+        if logits_at is not None:
+            if logits_at.ndim != 2 or logits_at.shape[0] != r.shape[0]:
+                raise ValueError(f"logits_at must be (b={r.shape[0]}, n) positions, got {tuple(logits_at.shape)}")
+            r = jnp.take_along_axis(r, logits_at[..., None].astype(jnp.int32), axis=1)
         logits = self._head(r)
         return (logits, hidden) if return_hidden else logits
 
