@@ -25,10 +25,24 @@ def torch_uniform(fan_in: int):
     return init
 
 
+class Linear(nnx.Linear):
+    """nnx.Linear that multiplies a 2-D (rows, d_in) view of its input: the same parameters and result, but XLA:CPU
+    ran the backward of (b, l, d) @ (d, f) about 2x faster as one (b l, d) @ (d, f) matmul (measured on the 2-core
+    CI machine, b 8, l 512, d 256, f 688)."""
+
+    def __call__(self, inputs, *args, **kwargs):
+        if inputs.ndim <= 2:
+            return super().__call__(inputs, *args, **kwargs)
+        lead = inputs.shape[:-1]
+        y = super().__call__(inputs.reshape(-1, inputs.shape[-1]), *args, **kwargs)
+        return y.reshape(*lead, y.shape[-1])
+
+
 def linear(d_in: int, d_out: int, *, use_bias: bool, names: tuple[str | None, str | None], dtype, param_dtype,
            rngs: nnx.Rngs, kernel_init=None) -> nnx.Linear:
-    """nnx.Linear with PyTorch's default init (the reference modules keep it) and logical axis names."""
-    return nnx.Linear(d_in, d_out, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+    """Linear (2-D matmul view) with PyTorch's default init (the reference modules keep it) and logical axis
+    names."""
+    return Linear(d_in, d_out, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
                       kernel_init=kernel_init or torch_uniform(d_in), bias_init=torch_uniform(d_in),
                       kernel_metadata=axes(*names), bias_metadata=axes(names[1]), rngs=rngs)
 

@@ -270,7 +270,7 @@ class DataSection(_Section):
     `num_kv_pairs` and `task_kwargs` shape them; `num_train_examples` None = a fresh example every step);
     "text" reads the files matching the glob `path` with `tokenizer` ("byte" or a tokenizer.json path);
     "memmap" reads pre-tokenized ids from the .npy/.bin file `path`. `batch_size` is global (all processes);
-    `pack` packs documents into rows with segment_ids; `worker_count` grain worker processes (0 = in process)."""
+    `pack` packs documents into rows with segment_ids; `worker_count` grain reader threads (0 = read in the main thread)."""
 
     section: ClassVar[str] = "data"
     task: str = "mqar"
