@@ -434,6 +434,12 @@ class Checkpointer:
             return
         self._manager.reload()
         steps = self.steps()
+        if jax.process_count() > 1:
+            # Every process must list the steps before any deletes one: otherwise they decide on different
+            # deletions and meet orbax's barriers with different names.
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("seqmix_checkpoint_prune_listed")
         committed = self._pending & set(steps)
         self._pending.clear()
         if not committed or self.keep is None:
