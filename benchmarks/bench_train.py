@@ -37,9 +37,10 @@ Batches: random tokens (b, l + 1) -> inputs (b, l), next-token targets (b, l), w
    `Checkpointer.restore(abstract_state)` (reads, places, verifies checksums). One untimed warm-up save + restore,
    then n repeats (a new step each) in a temporary directory; medians.
 
-    python benchmarks/bench_train.py [--quick] [-n 5] [--torch-threads N] [--out benchmarks/results/train.json]
+    python benchmarks/bench_train.py [--quick] [-n 5] [--shape BxL] [--torch-threads N] [--out benchmarks/results/train.json]
 
-Full run: ~10-15 min on the quiet 2-core VM (an estimate from --quick; the pure-torch Mamba backward dominates);
+The default 8 x 512 did not finish in 21 min on the quiet 2-core VM (the pure-torch Mamba step, a Python loop over
+the sequence forward and backward, dominates); `--shape 4x256 -n 3` is what BENCHMARKS.md records.
 --quick (4 x 128, one run): ~3-6 min. Torch's OpenMP threads degrade badly when the cores are busy (on the
 shared VM at load ~7, torch Llama at 4 x 128 took 6.3 s/step with 2 threads, 0.25 s with 1): measure on a quiet
 machine, and compare --torch-threads 1 if torch's numbers look off.
@@ -299,6 +300,7 @@ def measure_devices(b, l, n, quick):
     for n_dev in (1, 8):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker-devices", str(n_dev), "-n", str(n)]
         cmd += ["--quick"] if quick else []
+        cmd += ["--shape", f"{b}x{l}"]
         env = dict(os.environ)
         flags = re.sub(r"--xla_force_host_platform_device_count=\S*", "", env.get("XLA_FLAGS", "")).strip()
         env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n_dev}".strip()
@@ -381,9 +383,12 @@ def main():
     p.add_argument("--torch-threads", type=int, default=os.cpu_count(),
                    help="torch.set_num_threads for the PyTorch loop (default: the CPU count)")
     p.add_argument("--worker-devices", type=int, default=None, help="internal: run part 2 on this many devices")
+    p.add_argument("--shape", default=None, help="batch x seq, e.g. 8x256 (overrides the default 8x512 / quick 4x128)")
     args = p.parse_args()
     b, l = shapes(args.quick)
     n = 1 if args.quick else args.n
+    if args.shape:
+        b, l = (int(v) for v in args.shape.lower().split("x"))
     if args.worker_devices is not None:
         worker(args.worker_devices, b, l, n)
         return
