@@ -31,7 +31,6 @@ cost on tasks such as MQAR.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import json
@@ -363,11 +362,11 @@ def train(cfg: TrainConfig) -> RunResult:
     mesh, model_config, run_dir, ckpt_dir = p["mesh"], p["model_config"], p["run_dir"], p["ckpt_dir"]
     lead = jax.process_index() == 0
     o = cfg.optimizer
-    tx = make_optimizer(lr=o.lr, warmup_steps=min(o.warmup_steps, max(cfg.run.steps - 1, 0)),
-                        total_steps=cfg.run.steps, min_lr_ratio=o.min_lr_ratio, b1=o.b1, b2=o.b2, eps=o.eps,
-                        weight_decay=o.weight_decay, clip_norm=o.clip_norm, decay_embeddings=o.decay_embeddings)
-    schedule = make_schedule(lr=o.lr, warmup_steps=min(o.warmup_steps, max(cfg.run.steps - 1, 0)),
-                             total_steps=cfg.run.steps, min_lr_ratio=o.min_lr_ratio)
+    sched = dict(lr=o.lr, warmup_steps=min(o.warmup_steps, max(cfg.run.steps - 1, 0)), total_steps=cfg.run.steps,
+                 min_lr_ratio=o.min_lr_ratio)
+    tx = make_optimizer(**sched, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, clip_norm=o.clip_norm,
+                        decay_embeddings=o.decay_embeddings)
+    schedule = make_schedule(**sched)
     graphdef, state, shardings = _build_state(cfg, model_config, tx, mesh)
     config_dict = to_dict(cfg)
 
