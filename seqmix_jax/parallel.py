@@ -4,7 +4,8 @@ Parameters carry logical axis names from their creation (`seqmix_jax.layers._ini
 axes where `constrain` is called. `LOGICAL_RULES` maps a logical name to mesh axes of the trainer's mesh
 (`data`, `fsdp`, `tensor`, `expert`):
 
-* data parallel: the batch of activations is split over ("data", "fsdp"); weights are not split over "data".
+* data parallel: the batch of activations is split over ("data", "fsdp", "expert"); weights are not split over
+  "data" (outside MoE layers the expert axis is one more data-parallel axis).
 * FSDP (ZeRO-3): the `embed` dimension of every weight is split over "fsdp"; XLA gathers it before use.
 * tensor parallel (Megatron): the wide inner dimensions (mlp, heads, kv_heads, ssm_inner, ssm_heads,
   hyena_inner) and the vocabulary are split over "tensor".
@@ -16,8 +17,8 @@ Resolution of a tuple of logical names (one per array dimension) into a Partitio
    mesh axes are not already used by an earlier dimension wins (a name may have several rules: activations'
    `embed` falls back to replicated because the batch already took "fsdp"). A name without a rule, a `None`
    name, or a name whose rules all collide is replicated.
-2. With a mesh and a shape: mesh axes that the mesh lacks are dropped, and so is any mesh axis that does not
-   divide the dimension — axes are kept left to right while their running product divides the size
+2. With a mesh and a shape: mesh axes that the mesh lacks (or has with size 1) are dropped, and so is any mesh
+   axis that does not divide the dimension — axes are kept left to right while their running product divides the size
    (a batch of 6 on data=2, fsdp=2 is split over "data" only; a vocabulary of 37 on tensor=2 is replicated).
    Dropping replicates instead of failing, so any model runs on any mesh; the cost is memory, not correctness.
 
@@ -42,7 +43,7 @@ Rules = Sequence[tuple[str, MeshAxes]]
 
 LOGICAL_RULES: tuple[tuple[str, MeshAxes], ...] = (
     # activations
-    ("batch", ("data", "fsdp")),
+    ("batch", ("data", "fsdp", "expert")),
     ("length", None),
     # the model width: weights FSDP-sharded; activations (batch took "fsdp") fall through to replicated
     ("embed", "fsdp"),
@@ -91,8 +92,8 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None = N
                     rules: Rules = LOGICAL_RULES) -> PartitionSpec:
     """PartitionSpec (one entry per dimension) for logical axis `names` under `rules`; see the module docstring.
 
-    With `mesh` (and `shape`), mesh axes missing from the mesh (and, given `shape`, not dividing the
-    dimension) are dropped."""
+    With `mesh` (and `shape`), mesh axes missing from the mesh or of size 1 (and, given `shape`, not dividing
+    the dimension) are dropped."""
     table = _check_rules(rules)
     names = tuple(names)
     if shape is not None and len(shape) != len(names):
@@ -112,7 +113,7 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None = N
         if sizes is not None:
             kept, prod = [], 1
             for a in chosen:
-                if a not in sizes:
+                if a not in sizes or sizes[a] == 1:  # a size-1 axis splits nothing: keep specs minimal
                     continue
                 if shape is not None and shape[dim] % (prod * sizes[a]):
                     continue

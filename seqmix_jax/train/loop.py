@@ -259,7 +259,7 @@ def prepare(cfg: TrainConfig):
             mesh.shape[a] for a in sh.BATCH_AXES if a in mesh.shape)):
         raise ValueError(f"data.batch_size={cfg.data.batch_size} must be divisible by optimizer.grad_accum_steps="
                          f"{cfg.optimizer.grad_accum_steps} x the data-parallel size (each micro-batch is split "
-                         f"over the data/fsdp devices)")
+                         f"over the data/fsdp/expert devices)")
     model_config = cfg.model.to_model_config()
     if model_config.max_seq_len is not None and cfg.data.seq_len > model_config.max_seq_len:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max_seq_len="

@@ -12,7 +12,8 @@ optax state as `OptVariable`s that copy the metadata of the parameter they mirro
 accumulated gradients), so they shard exactly like their parameter; scalars (step counts) are `OptArray`s or
 `OptState`s without names and are replicated.
 
-Batches: the batch dimension is split over ("data", "fsdp"); every process supplies the rows its own
+Batches: the batch dimension is split over ("data", "fsdp", "expert") (outside MoE layers the expert axis is
+one more data-parallel axis; MoE layers exchange tokens over it); every process supplies the rows its own
 devices hold (`process_batch_rows`), and `shard_batch` assembles the global arrays from those host-local
 pieces with `jax.make_array_from_process_local_data`.
 """
@@ -30,7 +31,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from seqmix_jax.parallel import LOGICAL_RULES, MESH_AXES, Rules, logical_to_spec
 
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp", "expert")  # the expert axis is data parallel outside MoE layers
 
 
 def resolve_mesh_shape(sizes: Mapping[str, int], n_devices: int) -> dict[str, int]:
@@ -126,13 +127,13 @@ def abstract_state(state, mesh: Mesh, rules: Rules = LOGICAL_RULES):
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Batch dimension (the first) split over ("data", "fsdp"); other dimensions replicated."""
-    axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
+    """Batch dimension (the first) split over ("data", "fsdp", "expert"); other dimensions replicated."""
+    axes = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
     return NamedSharding(mesh, PartitionSpec(axes or None))
 
 
 def check_batch(global_batch: int, mesh: Mesh) -> None:
-    """ValueError unless the global batch size is a positive multiple of the data-parallel size data * fsdp."""
+    """ValueError unless the global batch size is a positive multiple of the data-parallel size data * fsdp * expert."""
     n = _mesh_size(mesh, BATCH_AXES)
     if not isinstance(global_batch, numbers.Integral) or isinstance(global_batch, bool) or global_batch <= 0:
         raise ValueError(f"global batch size must be a positive int, got {global_batch!r}")
@@ -185,7 +186,7 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh, global_batch: int |
 
 
 def _batch_shard_devices(mesh: Mesh) -> list[bool]:
-    """For each batch shard (data, fsdp) index: whether this process holds a device of it."""
+    """For each batch shard (data, fsdp, expert) index: whether this process holds a device of it."""
     names = list(mesh.axis_names)
     devs = mesh.devices
     keep = [names.index(a) for a in BATCH_AXES if a in names]

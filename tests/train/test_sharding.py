@@ -202,8 +202,14 @@ def test_batch_placement():
     assert batch_sharding(mesh).spec == P(DP)
     check_batch(8, mesh)
     with pytest.raises(ValueError, match=r"global batch size 6 is not divisible by the data-parallel size "
-                                         r"data=2 \* fsdp=2 = 4"):
+                                         r"data=2 \* fsdp=2 \* expert=1 = 4"):
         check_batch(6, mesh)
+    # the expert axis is data parallel outside MoE layers: the batch is split over it too
+    ep = mesh_of(data=2, expert=2, tensor=2)
+    assert batch_sharding(ep).spec == P(("data", "expert"))
+    assert logical_to_spec(("batch", "length", "embed"), (8, 16, 16), ep) == P(("data", "expert"), None, None)
+    with pytest.raises(ValueError, match=r"data=2 \* fsdp=1 \* expert=2 = 4"):
+        check_batch(6, ep)
     with pytest.raises(ValueError, match=r"global batch size must be a positive int"):
         check_batch(0, mesh)
     assert process_batch_rows(8, mesh) == (0, 8)  # one process holds every row
