@@ -8,8 +8,12 @@ from seqmix_jax.layers.hyena import HyenaFilter, HyenaOperator, HyenaState
 from seqmix_jax.layers.mamba import MambaMixer, MambaState
 from seqmix_jax.layers.mamba2 import Mamba2Mixer, Mamba2State
 from seqmix_jax.layers.mlp import GatedMLP, mlp_hidden_size
+from seqmix_jax.layers.moe import MoE, pop_moe_stats
 from seqmix_jax.layers.norms import LayerNorm, RMSNorm
 from seqmix_jax.layers.striped_hyena import StripedHyenaMixer, StripedHyenaState
 
-__all__ = ["Attention", "GatedMLP", "HyenaFilter", "HyenaOperator", "HyenaState", "KVCache", "LayerNorm", "Mamba2Mixer", "Mamba2State", "MambaMixer", "MambaState",
-           "RMSNorm", "StripedHyenaMixer", "StripedHyenaState", "mlp_hidden_size", "split_fused_qkv"]
+__all__ = [
+    "Attention", "GatedMLP", "HyenaFilter", "HyenaOperator", "HyenaState", "KVCache", "LayerNorm", "Mamba2Mixer",
+    "Mamba2State", "MambaMixer", "MambaState", "mlp_hidden_size", "MoE", "pop_moe_stats", "RMSNorm",
+    "split_fused_qkv", "StripedHyenaMixer", "StripedHyenaState"
+]
