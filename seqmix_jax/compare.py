@@ -4,7 +4,7 @@
                                  [--dtype float32|bfloat16] [--tol T] [--json PATH]
 
 The checkpoint is loaded twice: in PyTorch on CPU (transformers `AutoModelForCausalLM` for model_type mamba,
-mamba2 and llama; the `stripedhyena` package's `StripedHyena` for StripedHyena configs) and with
+mamba2, llama, mixtral and jamba; the `stripedhyena` package's `StripedHyena` for StripedHyena configs) and with
 `seqmix_jax.from_pretrained`. Both get the same token ids (random ids in [0, vocab_size) drawn with `--seed`, or
 the UTF-8 bytes of `--text` modulo vocab_size), and the table lists, for the residual stream after every block
 (before the final norm) and for the logits,
@@ -20,6 +20,10 @@ unreadable directory, unsupported model type, a missing PyTorch package) with on
 Hidden states are taken with forward hooks on the PyTorch blocks (`base_model.layers[i]` for transformers,
 `blocks[i]` for stripedhyena) rather than `output_hidden_states`, whose last entry is after the final norm in
 some transformers models: both sides then report the residual stream after block i.
+
+Mixture-of-experts checkpoints (mixtral, jamba) run with the MoE dispatch `from_pretrained` configures, "dropless":
+every token reaches its top-k experts, as in transformers (no capacity drops to explain away); the PyTorch side uses
+transformers' "eager" experts implementation (its per-expert loop, the modeling file's definition).
 
 Precision: `--dtype bfloat16` loads both sides with bfloat16 parameters and compute (seqmix keeps its float32
 parts: SSM A_log/D/dt_bias, StripedHyena poles/residues, the fp32 residual stream where the config asks for it)
@@ -51,7 +55,8 @@ import numpy as np
 DTYPES = ("float32", "bfloat16")
 DEFAULT_TOL = {"float32": 1e-4, "bfloat16": 5e-2}
 DEFAULT_TOKENS = 16
-TRANSFORMERS_FORMATS = ("mamba", "mamba2", "llama")
+TRANSFORMERS_FORMATS = ("mamba", "mamba2", "llama", "mixtral", "jamba")
+MOE_FORMATS = ("mixtral", "jamba")
 
 
 class MissingDependency(ImportError):
@@ -82,8 +87,11 @@ def load_torch_model(path, *, dtype: str = "float32", quiet: bool = False):
         if quiet:
             tf.logging.set_verbosity_error()
             tf.logging.disable_progress_bar()
+        # MoE experts: transformers' "eager" loop over experts (the modeling file's definition) rather than its
+        # default grouped_mm kernel, which needs 16-byte aligned strides (small bf16 experts fail there)
+        extra = {"experts_implementation": "eager"} if fmt in MOE_FORMATS else {}
         try:
-            model = tf.AutoModelForCausalLM.from_pretrained(str(path), dtype=tdtype)
+            model = tf.AutoModelForCausalLM.from_pretrained(str(path), dtype=tdtype, **extra)
         except (OSError, ValueError, KeyError, RuntimeError) as err:
             raise ValueError(f"transformers cannot load {path}: {_one_line(err)}") from None
         return model.eval()
@@ -210,7 +218,7 @@ def compare_checkpoint(path, *, tokens=DEFAULT_TOKENS, text: str | None = None, 
     """Run the checkpoint in PyTorch and in seqmix_jax on the same ids and compare (see the module docstring).
 
     Args:
-      path: checkpoint directory (Hugging Face mamba / mamba2 / llama, or StripedHyena).
+      path: checkpoint directory (Hugging Face mamba / mamba2 / llama / mixtral / jamba, or StripedHyena).
       tokens: the number of random ids per row (int), or the ids themselves ((l,) or (b, l) integers).
       text: instead of random ids, the UTF-8 bytes of this text modulo vocab_size.
       seed: seed of the random ids.
@@ -283,7 +291,8 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m seqmix_jax.compare",
                 description="Compare a checkpoint's logits and per-layer hidden states in PyTorch and seqmix_jax.")
-    p.add_argument("checkpoint", help="checkpoint directory (Hugging Face mamba / mamba2 / llama, or StripedHyena)")
+    p.add_argument("checkpoint", help="checkpoint directory (Hugging Face mamba / mamba2 / llama / mixtral / jamba, "
+                                      "or StripedHyena)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help=f"random ids per row (default "
                      f"{DEFAULT_TOKENS})")
@@ -332,8 +341,8 @@ def _check_dtype(dtype) -> str:
 def _check_format(fmt: str) -> None:
     if fmt == "mamba_ssm":
         raise ValueError("mamba_ssm-format checkpoints (config.json with d_model / n_layer) have no transformers "
-                         "class to compare against; compare supports Hugging Face mamba, mamba2, llama and "
-                         "StripedHyena directories")
+                         "class to compare against; compare supports Hugging Face mamba, mamba2, llama, mixtral, "
+                         "jamba and StripedHyena directories")
 
 
 def _one_line(err) -> str:

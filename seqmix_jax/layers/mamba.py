@@ -7,9 +7,15 @@ Same function and parameters as mamba_ssm `modules/mamba_simple.Mamba` and trans
     [x ; z] = in_proj(u)                      x, z: (b, l, e)
     x       = silu(causal_conv1d(x))          cross-correlation taps, last tap on the current token
     [dt ; B ; C] = x_proj(x)                  sizes (r, n, n)
+    dt, B, C = rms(dt), rms(B), rms(C)        only with bcdt_rms_norm (Jamba): RMSNorms with their own scales
     dt      = dt_proj.kernel^T dt             the bias is added in float32 inside the scan, as mamba_ssm does
     y       = selective_scan(x, dt, -exp(A_log), B, C, D, z=z, dt_bias=dt_proj.bias)
     out     = out_proj(y)
+
+With `bcdt_rms_norm=True` this is transformers' `JambaMambaMixer` (Jamba, Lieber et al. 2024): RMSNorms
+(eps inside the sqrt, float32 statistics) over the last axis of dt (r), B (n) and C (n) right after x_proj, with
+learned scales `dt_layernorm.scale` (r,), `b_layernorm.scale` (n,), `c_layernorm.scale` (n,) (transformers'
+`dt_layernorm.weight`, `b_layernorm.weight`, `c_layernorm.weight`). The decode step applies the same norms.
 
 Differences from the official code: the decode conv state holds the last w - 1 inputs (mamba_ssm keeps w,
 including the current one), and the decode SSM state is float32 whatever `dtype` is (mamba_ssm caches it
@@ -26,6 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from seqmix_jax.layers._init import check_dims, conv_init, dt_bias_init, linear, param, torch_uniform
+from seqmix_jax.layers.norms import RMSNorm
 from seqmix_jax.ops import causal_conv1d, causal_conv1d_update, selective_scan, selective_state_update
 
 
@@ -48,6 +55,8 @@ class MambaMixer(nnx.Module):
       dt_scale: scale of the dt_proj kernel init.
       conv_bias: bias on the short conv (True).
       bias: biases on in_proj / out_proj (False, as the released checkpoints).
+      bcdt_rms_norm: RMSNorms on dt, B and C after x_proj (Jamba's mixer; False).
+      bcdt_norm_eps: epsilon of those norms (Jamba: the model's rms_norm_eps, 1e-6).
       impl: backend for the scan (see `seqmix_jax.ops.dispatch`).
       chunk_size: steps per chunk of the xla scan.
       dtype: compute dtype (None: from inputs and params). The scan always runs in float32.
@@ -58,11 +67,14 @@ class MambaMixer(nnx.Module):
     def __init__(self, d_model: int, *, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                  dt_rank: int | str = "auto", dt_min: float = 1e-3, dt_max: float = 0.1, dt_init: str = "random",
                  dt_scale: float = 1.0, dt_init_floor: float = 1e-4, conv_bias: bool = True, bias: bool = False,
-                 impl: str = "auto", chunk_size: int = 32, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 bcdt_rms_norm: bool = False, bcdt_norm_eps: float = 1e-6, impl: str = "auto", chunk_size: int = 32,
+                 dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
         check_dims(d_model=d_model, d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank)
         if dt_init not in ("random", "constant"):
             raise ValueError(f"dt_init must be 'random' or 'constant', got {dt_init!r}")
+        if not isinstance(bcdt_rms_norm, bool):
+            raise ValueError(f"bcdt_rms_norm must be a bool, got {bcdt_rms_norm!r}")
         self.d_model, self.d_state, self.d_conv, self.dt_rank = d_model, d_state, d_conv, dt_rank
         self.d_inner = e = expand * d_model
         self.impl, self.chunk_size, self.dtype = impl, chunk_size, dtype
@@ -84,6 +96,16 @@ class MambaMixer(nnx.Module):
         self.A_log = param(lambda k, shape, dt: a_log, (e, d_state), ("ssm_inner", "ssm_state"), jnp.float32, rngs)
         self.D = param(lambda k, shape, dt: jnp.ones(shape, dt), (e,), ("ssm_inner",), jnp.float32, rngs)
         self.out_proj = linear(e, d_model, use_bias=bias, names=("ssm_inner", "embed"), **common)
+        self.bcdt_rms_norm = bcdt_rms_norm
+        if bcdt_rms_norm:  # Jamba: norms on the selective parameters keep dt, B and C at unit scale
+            norm = dict(eps=bcdt_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            self.dt_layernorm = RMSNorm(dt_rank, axis_name="dt_rank", **norm)
+            self.b_layernorm = RMSNorm(d_state, axis_name="ssm_state", **norm)
+            self.c_layernorm = RMSNorm(d_state, axis_name="ssm_state", **norm)
+            self.bcdt_norm_eps = self.dt_layernorm.eps
+        else:
+            self.dt_layernorm = self.b_layernorm = self.c_layernorm = None
+            self.bcdt_norm_eps = None
 
     def __call__(self, x, *, segment_ids=None):
         """x: (b, l, d_model) -> (b, l, d_model); `segment_ids (b, l)` resets conv and scan at segment starts."""
@@ -128,6 +150,8 @@ class MambaMixer(nnx.Module):
         dbc = self.x_proj(xi)
         r, n = self.dt_rank, self.d_state
         dt, B, C = dbc[..., :r], dbc[..., r:r + n], dbc[..., r + n:]
+        if self.bcdt_rms_norm:
+            dt, B, C = self.dt_layernorm(dt), self.b_layernorm(B), self.c_layernorm(C)
         return self.dt_proj(dt), B, C
 
     def _A(self):

@@ -59,8 +59,9 @@ class MoE(nnx.Module):
       dtype, param_dtype: compute and storage dtypes (the router logits and statistics stay float32).
       rngs: nnx.Rngs (keyword only).
 
-    Every call appends its `MoEStats` to the `nnx.Intermediate` "moe_stats" (a tuple, the layout `Module.sow`
-    gives; read and clear them with `pop_moe_stats(model)` or `nnx.pop(model, nnx.Intermediate)`).
+    Every call stores its `MoEStats` in the `nnx.Intermediate` "moe_stats" (a 1-tuple, the layout `Module.sow`
+    gives), replacing the previous call's, so repeated calls never accumulate state; read and clear them with
+    `pop_moe_stats(model)` or `nnx.pop(model, nnx.Intermediate)`.
     """
 
     def __init__(self, d_model: int, hidden: int, num_experts: int, top_k: int, *, dispatch: str = "dropless",
@@ -135,10 +136,11 @@ class MoE(nnx.Module):
         return self(x_t[:, None])[:, 0]
 
     def _record(self, stats: MoEStats) -> None:
-        """Append `stats` to the tuple in the `nnx.Intermediate` "moe_stats": the state `self.sow(nnx.Intermediate,
-        "moe_stats", stats)` leaves, written directly because flax 0.12 deprecates `sow` outside `nnx.capture`."""
+        """Store `stats` as the `nnx.Intermediate` "moe_stats" = (stats,), the layout `self.sow(nnx.Intermediate,
+        "moe_stats", stats)` gives on a first call (written directly because flax 0.12 deprecates `sow` outside
+        `nnx.capture`). The last call wins: a model called in a Python loop does not pile statistics up."""
         if hasattr(self, "moe_stats"):
-            self.moe_stats.set_value((*self.moe_stats.get_value(), stats))
+            self.moe_stats.set_value((stats,))
         else:
             self.moe_stats = nnx.Intermediate((stats,))
 
@@ -169,7 +171,7 @@ class MoE(nnx.Module):
 
 
 def pop_moe_stats(model: nnx.Module) -> list[MoEStats]:
-    """Remove the sown MoEStats from `model` and return them in layer order (one entry per call per layer)."""
+    """Remove the sown MoEStats from `model` and return them in layer order (one entry per layer: its last call)."""
     found = []
     for path, module in nnx.iter_modules(model):
         if isinstance(module, MoE) and hasattr(module, "moe_stats"):

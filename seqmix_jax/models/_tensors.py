@@ -11,11 +11,18 @@ Layouts recognised in a directory, in this order:
   * `pytorch_model.bin`;
   * otherwise exactly one `*.safetensors`, `*.pt`, `*.pth` or `*.bin` file (e.g. a StripedHyena `torch.save`d
     state dict).
+
+Mixture-of-experts layouts (`fuse_experts` / `unfuse_experts`): transformers (5.x) keeps the experts of a layer as
+two fused tensors, `{base}.gate_up_proj (e, 2f, d)` (each expert's gate rows, then its up rows) and
+`{base}.down_proj (e, d, f)`, but its `save_pretrained` writes (and the Hub holds) the per-expert layout,
+`{base}.{j}.{gate}.weight (f, d)`, `{base}.{j}.{up}.weight (f, d)`, `{base}.{j}.{down}.weight (d, f)` with
+(gate, up, down) = (w1, w3, w2) for Mixtral and (gate_proj, up_proj, down_proj) for Jamba.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -154,3 +161,74 @@ def write_safetensors(file: Path, tensors: dict[str, np.ndarray]) -> None:
     from safetensors.numpy import save_file
 
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(file), metadata={"format": "pt"})
+
+
+_PER_EXPERT = re.compile(r"^(?P<base>.+\.experts)\.(?P<j>\d+)\.(?P<name>[A-Za-z0-9_]+)\.weight$")
+
+
+def fuse_experts(sd: dict[str, np.ndarray], num_experts: dict[str, int], names: tuple[str, str, str]) -> dict:
+    """The state dict with every per-expert group `{base}.{j}.{gate|up|down}.weight` of the bases in `num_experts`
+    (base -> the config's expert count e) replaced by the fused `{base}.gate_up_proj` / `{base}.down_proj` (see the
+    module docstring). Either layout is accepted per base. ValueError naming the key for: both layouts under one
+    base, a fused tensor or an expert index that disagrees with e, a missing expert tensor, an unknown per-expert
+    name, experts of different shapes."""
+    out = dict(sd)
+    groups: dict[str, dict[tuple[int, str], str]] = {}
+    for k in sd:
+        m = _PER_EXPERT.match(k)
+        if m and m["base"] in num_experts:
+            groups.setdefault(m["base"], {})[(int(m["j"]), m["name"])] = k
+    for base, e in num_experts.items():
+        fused = [f"{base}.{n}" for n in ("gate_up_proj", "down_proj") if f"{base}.{n}" in sd]
+        per = groups.get(base, {})
+        if fused and per:
+            raise ValueError(f"mixed expert layouts under {base!r}: fused {fused[0]!r} and per-expert "
+                             f"{min(per.values())!r}; a checkpoint holds one layout per layer")
+        for k in fused:
+            if np.ndim(sd[k]) != 3 or np.shape(sd[k])[0] != e:
+                raise ValueError(f"{k!r} has shape {tuple(np.shape(sd[k]))}: expected ({e}, ...) for the config's "
+                                 f"{e} experts")
+        if per:
+            _fuse_group(out, base, e, per, names)
+    return out
+
+
+def _fuse_group(out, base, e, per, names):
+    for (j, name), k in sorted(per.items()):
+        if name not in names:
+            raise ValueError(f"unexpected tensor {k!r}: the expert weights are named {list(names)}")
+        if j >= e:
+            raise ValueError(f"unexpected tensor {k!r}: expert index {j}, but the config has {e} experts")
+    for j in range(e):
+        for name in names:
+            if (j, name) not in per:
+                raise ValueError(f"checkpoint is missing {base}.{j}.{name}.weight (the config has {e} experts under "
+                                 f"{base})")
+    gate, up, down = ([out.pop(per[(j, n)]) for j in range(e)] for n in names)
+    for role, arrs, key_name in (("gate", gate, names[0]), ("up", up, names[1]), ("down", down, names[2])):
+        want = np.shape(gate[0])[::-1] if role == "down" else np.shape(gate[0])
+        for j, a in enumerate(arrs):
+            if np.ndim(a) != 2 or np.shape(a) != want:
+                raise ValueError(f"{base}.{j}.{key_name}.weight has shape {tuple(np.shape(a))}, expected {tuple(want)} "
+                                 f"(all experts of a layer have the same shape)")
+    out[f"{base}.gate_up_proj"] = np.stack([np.concatenate([g, u], axis=0) for g, u in zip(gate, up)])
+    out[f"{base}.down_proj"] = np.stack(down)
+
+
+def unfuse_experts(tensors: dict[str, np.ndarray], names: tuple[str, str, str]) -> dict:
+    """The inverse of `fuse_experts` for every `{base}.gate_up_proj` / `{base}.down_proj` pair in `tensors`."""
+    out = {}
+    for k, v in tensors.items():
+        if k.endswith(".experts.down_proj"):
+            continue
+        if not k.endswith(".experts.gate_up_proj"):
+            out[k] = v
+            continue
+        base = k[:-len(".gate_up_proj")]
+        down = tensors[f"{base}.down_proj"]
+        f = v.shape[1] // 2
+        for j in range(v.shape[0]):
+            out[f"{base}.{j}.{names[0]}.weight"] = v[j, :f]
+            out[f"{base}.{j}.{names[1]}.weight"] = v[j, f:]
+            out[f"{base}.{j}.{names[2]}.weight"] = down[j]
+    return out

@@ -1,5 +1,5 @@
-"""Import and export of PyTorch checkpoints: Hugging Face `mamba`, `mamba2`, `llama` directories, mamba_ssm's own
-`MambaLMHeadModel` directories, and StripedHyena (togethercomputer/stripedhyena) state dicts.
+"""Import and export of PyTorch checkpoints: Hugging Face `mamba`, `mamba2`, `llama`, `mixtral`, `jamba` directories,
+mamba_ssm's own `MambaLMHeadModel` directories, and StripedHyena (togethercomputer/stripedhyena) state dicts.
 
     model = from_pretrained("path/to/dir")          # -> seqmix_jax.models.LM with an equivalent ModelConfig
     save_pretrained(model, "path/to/out")           # config.json + model.safetensors, loadable by transformers
@@ -29,6 +29,21 @@ Key map (checkpoint key <- our parameter path; `T`: torch Linear (out, in) is ou
     model.norm.weight                      norm_f.scale
     lm_head.weight (T, absent when tied)   lm_head.kernel
     ignored buffers: *.rotary_emb.inv_freq (checked against the config's RoPE base)
+  mixtral (as llama for embeddings, norms, attention, head; the MoE is `block_sparse_moe` on disk, `mlp` in memory)
+    model.layers.{i}.block_sparse_moe.gate.weight (T)               blocks.{i}.moe.router.kernel
+    model.layers.{i}.block_sparse_moe.experts.{j}.w1 / w3 .weight   blocks.{i}.moe.wi[j][:, :f] / [:, f:]  (T)
+    model.layers.{i}.block_sparse_moe.experts.{j}.w2.weight         blocks.{i}.moe.wo[j]  (T)
+  jamba
+    model.embed_tokens.weight, model.final_layernorm.weight, lm_head.weight (T)   embed.embedding, norm_f, lm_head
+    model.layers.{i}.input_layernorm.weight / pre_ff_layernorm.weight             blocks.{i}.norm / mlp_norm .scale
+    model.layers.{i}.self_attn.{q,k,v,o}_proj.weight (T)            blocks.{i}.mixer.{q,k,v,o}_proj.kernel
+    model.layers.{i}.mamba.<as mamba above>, mamba.{dt,b,c}_layernorm.weight   mixer.<...>, {dt,b,c}_layernorm.scale
+    model.layers.{i}.feed_forward.{gate,up,down}_proj.weight (T)    blocks.{i}.mlp.{gate,up,down}.kernel
+    model.layers.{i}.feed_forward.router.weight (T)                 blocks.{i}.moe.router.kernel
+    model.layers.{i}.feed_forward.experts.{j}.gate_proj / up_proj / down_proj .weight   moe.wi[j] halves / wo[j] (T)
+  Experts, both families: the per-expert keys above are what transformers' save_pretrained writes and what export
+  writes; the fused in-memory layout, `...experts.gate_up_proj (e, 2f, d)` (gate rows first) and
+  `...experts.down_proj (e, d, f)`, is accepted on load too (`_tensors.fuse_experts`), per layer one or the other.
   stripedhyena (keys with or without the `backbone.` prefix of the Hugging Face checkpoints)
     embedding_layer.weight                 embed.embedding
     unembed.weight (T)                     lm_head.kernel (tied: a copy of embedding_layer.weight, must be equal)
@@ -59,12 +74,12 @@ from flax import nnx
 
 from seqmix_jax.layers.attention import split_fused_qkv
 from seqmix_jax.models import _tensors
-from seqmix_jax.models.config import (BlockSpec, ModelConfig, llama_preset, mamba2_preset, mamba_preset,
-                                      striped_hyena_preset)
+from seqmix_jax.models.config import (BlockSpec, ModelConfig, jamba_preset, llama_preset, mamba2_preset,
+                                      mamba_preset, mixtral_preset, striped_hyena_preset)
 from seqmix_jax.models.lm import LM
 from seqmix_jax.ops.rotary import rotary_inv_freq
 
-SUPPORTED = ("mamba", "mamba2", "llama", "stripedhyena")
+SUPPORTED = ("mamba", "mamba2", "llama", "mixtral", "jamba", "stripedhyena")
 CONFIG_FILES = ("config.json", "config.yml", "config.yaml")
 Path_ = tuple  # a parameter path from nnx.to_flat_state, e.g. ("blocks", 0, "mixer", "A_log")
 
@@ -97,8 +112,8 @@ def read_config(directory) -> tuple[str, dict]:
 
 def config_from_checkpoint(fmt: str, raw: dict) -> ModelConfig:
     """A checkpoint config (transformers / mamba_ssm / stripedhyena names) -> an equivalent ModelConfig."""
-    return {"mamba": _mamba_config, "mamba2": _mamba2_config, "llama": _llama_config,
-            "mamba_ssm": _mamba_ssm_config, "stripedhyena": _striped_hyena_config}[fmt](raw)
+    return {"mamba": _mamba_config, "mamba2": _mamba2_config, "llama": _llama_config, "mixtral": _mixtral_config,
+            "jamba": _jamba_config, "mamba_ssm": _mamba_ssm_config, "stripedhyena": _striped_hyena_config}[fmt](raw)
 
 
 def _float(x) -> float:
@@ -169,13 +184,19 @@ def _mamba_ssm_config(raw):
     return mamba2_preset(**common, attn_layer_idx=raw.get("attn_layer_idx") or (), attn_cfg=raw.get("attn_cfg"))
 
 
-def _llama_config(raw):
+def _rope_theta(raw, fmt, default):
+    """The RoPE base of a transformers config (`rope_parameters`, or the older `rope_theta` / `rope_scaling`);
+    only the default (unscaled) RoPE is supported."""
     rope = dict(raw.get("rope_parameters") or {})
     scaling = raw.get("rope_scaling") or {}
     rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     if rope_type != "default":
-        raise ValueError(f"llama config: rope_type {rope_type!r} is not supported (only 'default' RoPE)")
-    theta = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
+        raise ValueError(f"{fmt} config: rope_type {rope_type!r} is not supported (only 'default' RoPE)")
+    return rope.get("rope_theta", raw.get("rope_theta", default))
+
+
+def _llama_config(raw):
+    theta = _rope_theta(raw, "llama", 10000.0)
     if raw.get("pretraining_tp", 1) != 1:
         raise ValueError(f"llama config: pretraining_tp={raw['pretraining_tp']} is not supported (1)")
     return llama_preset(vocab_size=_req(raw, "vocab_size", "llama"), hidden_size=_req(raw, "hidden_size", "llama"),
@@ -188,6 +209,53 @@ def _llama_config(raw):
                         hidden_act=raw.get("hidden_act", "silu"),
                         tie_word_embeddings=raw.get("tie_word_embeddings", False),
                         max_position_embeddings=raw.get("max_position_embeddings"))
+
+
+def _num_experts(raw, own, alias, default):
+    """transformers maps the other model's name onto its own (MixtralConfig num_experts -> num_local_experts)."""
+    if own in raw and alias in raw and raw[own] != raw[alias]:
+        raise ValueError(f"config sets both {own}={raw[own]} and {alias}={raw[alias]}")
+    return raw.get(own, raw.get(alias, default))
+
+
+def _mixtral_config(raw):
+    """transformers `MixtralConfig`. `router_jitter_noise` (training-time input noise) is dropped: inference never
+    applies it, and training here does not implement it."""
+    fmt = "mixtral"
+    return mixtral_preset(
+        vocab_size=_req(raw, "vocab_size", fmt), hidden_size=_req(raw, "hidden_size", fmt),
+        intermediate_size=_req(raw, "intermediate_size", fmt),
+        num_hidden_layers=_req(raw, "num_hidden_layers", fmt),
+        num_attention_heads=_req(raw, "num_attention_heads", fmt),
+        num_key_value_heads=raw.get("num_key_value_heads", 8), head_dim=raw.get("head_dim"),
+        hidden_act=raw.get("hidden_act", "silu"), max_position_embeddings=raw.get("max_position_embeddings", 131072),
+        rms_norm_eps=raw.get("rms_norm_eps", 1e-5), rope_theta=_rope_theta(raw, fmt, 1e6),
+        tie_word_embeddings=raw.get("tie_word_embeddings", False), sliding_window=raw.get("sliding_window"),
+        num_experts_per_tok=raw.get("num_experts_per_tok", 2),
+        num_local_experts=_num_experts(raw, "num_local_experts", "num_experts", 8))
+
+
+def _jamba_config(raw):
+    """transformers `JambaConfig`. `use_mamba_kernels`, `use_mambapy` and `use_associative_scan` choose PyTorch
+    implementations of the same math and are ignored."""
+    fmt = "jamba"
+    d, heads = _req(raw, "hidden_size", fmt), _req(raw, "num_attention_heads", fmt)
+    if raw.get("head_dim") is not None and raw["head_dim"] * heads != d:
+        raise ValueError(f"jamba config: head_dim={raw['head_dim']} != hidden_size {d} / num_attention_heads "
+                         f"{heads} is not supported")
+    return jamba_preset(
+        vocab_size=_req(raw, "vocab_size", fmt), hidden_size=d, intermediate_size=_req(raw, "intermediate_size", fmt),
+        num_hidden_layers=_req(raw, "num_hidden_layers", fmt), num_attention_heads=heads,
+        num_key_value_heads=raw.get("num_key_value_heads", 8), hidden_act=raw.get("hidden_act", "silu"),
+        rms_norm_eps=raw.get("rms_norm_eps", 1e-6), max_position_embeddings=raw.get("max_position_embeddings", 262144),
+        tie_word_embeddings=raw.get("tie_word_embeddings", False),
+        num_experts_per_tok=raw.get("num_experts_per_tok", 2),
+        num_experts=_num_experts(raw, "num_experts", "num_local_experts", 16),
+        expert_layer_period=raw.get("expert_layer_period", 2), expert_layer_offset=raw.get("expert_layer_offset", 1),
+        attn_layer_period=raw.get("attn_layer_period", 8), attn_layer_offset=raw.get("attn_layer_offset", 4),
+        mamba_d_state=raw.get("mamba_d_state", 16), mamba_d_conv=raw.get("mamba_d_conv", 4),
+        mamba_expand=raw.get("mamba_expand", 2), mamba_dt_rank=raw.get("mamba_dt_rank", "auto"),
+        mamba_conv_bias=raw.get("mamba_conv_bias", True), mamba_proj_bias=raw.get("mamba_proj_bias", False))
 
 
 def _striped_hyena_config(raw):
@@ -249,8 +317,8 @@ class Entry:
 
 
 def _leaf(name):
-    """A Linear leaf: kernel -> weight (transposed), bias -> bias."""
-    return ("weight", _T) if name == "kernel" else (name, _ID)
+    """A Linear / norm leaf: kernel -> weight (transposed), scale -> weight, bias -> bias."""
+    return ("weight", _T) if name == "kernel" else ("weight", _ID) if name == "scale" else (name, _ID)
 
 
 def _single(key, path, fns):
@@ -282,7 +350,28 @@ _LINEAR_RENAMES = {
               "o_proj": "out_proj"},
     "llama": {p: f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")},
     "stripedhyena": {"projections": "projections", "out_proj": "out_filter_dense", "o_proj": "inner_mha_cls.out_proj"},
+    "jamba": {**{p: f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")},
+              **{p: f"mamba.{p}" for p in ("in_proj", "x_proj", "dt_proj", "out_proj", "dt_layernorm", "b_layernorm",
+                                           "c_layernorm")}},
 }
+_LINEAR_RENAMES["mixtral"] = _LINEAR_RENAMES["llama"]
+_EXPERTS = (lambda a: a.transpose(0, 2, 1), lambda a: a.transpose(0, 2, 1))  # torch (e, out, in) <-> ours (e, in, out)
+_MOE = {  # our MoE parameter -> key after the block prefix (transformers' in-memory, fused expert layout)
+    "mixtral": {("router", "kernel"): ("mlp.gate.weight", _T), ("wi",): ("mlp.experts.gate_up_proj", _EXPERTS),
+                ("wo",): ("mlp.experts.down_proj", _EXPERTS)},
+    "jamba": {("router", "kernel"): ("feed_forward.router.weight", _T),
+              ("wi",): ("feed_forward.experts.gate_up_proj", _EXPERTS),
+              ("wo",): ("feed_forward.experts.down_proj", _EXPERTS)},
+}
+_PREFIX = {"mamba": "backbone.layers.{}.", "llama": "model.layers.{}.", "mixtral": "model.layers.{}.",
+           "jamba": "model.layers.{}.", "stripedhyena": "blocks.{}."}
+_NORM_NAMES = {"mamba": ("norm", "norm2"), "llama": ("input_layernorm", "post_attention_layernorm"),
+               "mixtral": ("input_layernorm", "post_attention_layernorm"),
+               "jamba": ("input_layernorm", "pre_ff_layernorm"), "stripedhyena": ("pre_norm", "post_norm")}
+_MLP_NAMES = {"llama": {"gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"},
+              "jamba": {"gate": "feed_forward.gate_proj", "up": "feed_forward.up_proj",
+                        "down": "feed_forward.down_proj"},
+              "stripedhyena": {"gate": "mlp.l1", "up": "mlp.l2", "down": "mlp.l3"}}
 _TOP = {  # our top-level path -> key, per format family
     "mamba": {("embed", "embedding"): ("backbone.embeddings.weight", _ID),
               ("norm_f", "scale"): ("backbone.norm_f.weight", _ID),
@@ -290,9 +379,13 @@ _TOP = {  # our top-level path -> key, per format family
     "llama": {("embed", "embedding"): ("model.embed_tokens.weight", _ID),
               ("norm_f", "scale"): ("model.norm.weight", _ID),
               ("lm_head", "kernel"): ("lm_head.weight", _T)},
+    "jamba": {("embed", "embedding"): ("model.embed_tokens.weight", _ID),
+              ("norm_f", "scale"): ("model.final_layernorm.weight", _ID),
+              ("lm_head", "kernel"): ("lm_head.weight", _T)},
     "stripedhyena": {("embed", "embedding"): ("embedding_layer.weight", _ID), ("norm_f", "scale"): ("norm.scale", _ID),
                      ("lm_head", "kernel"): ("unembed.weight", _T)},
 }
+_TOP["mixtral"] = _TOP["llama"]
 
 
 def _family(fmt):
@@ -315,15 +408,20 @@ def key_map(model: LM, fmt: str) -> list[Entry]:
             continue
         i, part, rest = path[1], path[2], path[3:]
         block = model.blocks[i]
-        prefix = {"mamba": f"backbone.layers.{i}.", "llama": f"model.layers.{i}.", "stripedhyena": f"blocks.{i}."}[fam]
+        prefix = _PREFIX[fam].format(i)
         if part in ("norm", "mlp_norm"):
-            names = {"mamba": ("norm", "norm2"), "llama": ("input_layernorm", "post_attention_layernorm"),
-                     "stripedhyena": ("pre_norm", "post_norm")}[fam]
             leaf = {"scale": "scale" if fam == "stripedhyena" else "weight"}.get(rest[0], rest[0])
-            entries.append(_single(f"{prefix}{names[part == 'mlp_norm']}.{leaf}", path, _ID))
+            entries.append(_single(f"{prefix}{_NORM_NAMES[fam][part == 'mlp_norm']}.{leaf}", path, _ID))
         elif part == "mlp":
             entries.append(_mlp_entry(fam, prefix, block, path, done))
-        elif block.kind == "attention" and fam != "llama" and rest[0] in ("q_proj", "k_proj", "v_proj"):
+        elif part == "moe":
+            if fam not in _MOE or rest not in _MOE[fam]:
+                raise ValueError(f"MoE parameter {'.'.join(map(str, path))} has no {fmt} checkpoint name (mixtral and "
+                                 f"jamba checkpoints hold a router and the experts, no shared expert)")
+            key, fns = _MOE[fam][rest]
+            entries.append(_single(prefix + key, path, fns))
+        elif block.kind == "attention" and fam in ("mamba", "stripedhyena") and rest[0] in ("q_proj", "k_proj",
+                                                                                           "v_proj"):
             entries.append(_fused_qkv_entry(fam, prefix, block, path, done))
         else:
             entries.append(_mixer_entry(fam, prefix, block, path))
@@ -341,12 +439,13 @@ def _mixer_entry(fam, prefix, block, path):
         mixer = "mixer." if fam == "mamba" else ""
         return _single(f"{prefix}{mixer}{_LINEAR_RENAMES[fam][sub]}.{name}", path, fns)
     (name,) = rest
-    if fam == "mamba":
+    if fam in ("mamba", "jamba") and block.kind in ("mamba", "mamba2") and (name == "dt_bias" or name in _MAMBA_MIXER):
+        mixer = "mixer." if fam == "mamba" else "mamba."
         if name == "dt_bias":  # Mamba-1 keeps the dt_proj bias apart; Mamba-2 calls it dt_bias
             key = "dt_proj.bias" if block.kind == "mamba" else "dt_bias"
-            return _single(f"{prefix}mixer.{key}", path, _ID)
+            return _single(f"{prefix}{mixer}{key}", path, _ID)
         key, fns = _MAMBA_MIXER[name]
-        return _single(f"{prefix}mixer.{key}", path, fns)
+        return _single(f"{prefix}{mixer}{key}", path, fns)
     if fam == "stripedhyena" and name in _SH_MIXER:
         key, fns = _SH_MIXER[name]
         return _single(f"{prefix}{key}", path, fns)
@@ -378,10 +477,10 @@ def _mlp_entry(fam, prefix, block, path, done):
         f = block.mlp.hidden
         return _fused(f"{prefix}mlp.fc1.{'weight' if leaf == 'kernel' else leaf}", paths, [f, f],
                       transpose=leaf == "kernel")
-    names = {"llama": {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
-             "stripedhyena": {"gate": "l1", "up": "l2", "down": "l3"}}[fam]
+    if fam not in _MLP_NAMES:
+        raise ValueError(f"MLP parameter {'.'.join(map(str, path))} has no {fam} checkpoint name")
     name, fns = _leaf(leaf)
-    return _single(f"{prefix}mlp.{names[sub]}.{name}", path, fns)
+    return _single(f"{prefix}{_MLP_NAMES[fam][sub]}.{name}", path, fns)
 
 
 # ================================================================ import
@@ -398,6 +497,8 @@ def _normalize_keys(fmt, sd: dict) -> dict:
             k = k[len("backbone."):]
         if fam == "mamba" and k == "backbone.embedding.weight":  # mamba_ssm name; transformers renames it too
             k = "backbone.embeddings.weight"
+        if fam == "mixtral":  # the on-disk name of Mixtral's MoE block; transformers renames it on load too
+            k = k.replace(".block_sparse_moe.", ".mlp.")
         if k in out:
             raise ValueError(f"checkpoint holds {k!r} twice (with and without a prefix / under two names)")
         out[k] = v
@@ -405,6 +506,14 @@ def _normalize_keys(fmt, sd: dict) -> dict:
 
 
 _INV_FREQ = re.compile(r"(.*\.)?rotary_emb\.inv_freq$")
+_EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2"), "jamba": ("gate_proj", "up_proj", "down_proj")}  # gate, up, down
+
+
+def _expert_counts(fmt, config) -> dict:
+    """{expert tensor base (fused layout): number of experts} for every MoE block of `config`."""
+    ffn = "mlp" if fmt == "mixtral" else "feed_forward"
+    return {f"model.layers.{i}.{ffn}.experts": b.moe["num_experts"] for i, b in enumerate(config.blocks)
+            if b.moe is not None}
 
 
 def from_pretrained(path, *, dtype=None, param_dtype=jnp.float32) -> LM:
@@ -420,6 +529,8 @@ def from_pretrained(path, *, dtype=None, param_dtype=jnp.float32) -> LM:
     fmt, raw = read_config(path)
     config = config_from_checkpoint(fmt, raw).replace(dtype=_dtype_name(dtype), param_dtype=_dtype_name(param_dtype))
     sd = _normalize_keys(fmt, _tensors.load_state_dict(path))
+    if fmt in _EXPERT_NAMES:  # per-expert (on-disk) or fused (in-memory) expert tensors -> the fused layout
+        sd = _tensors.fuse_experts(sd, _expert_counts(fmt, config), _EXPERT_NAMES[fmt])
     abstract = nnx.eval_shape(lambda: LM(config, rngs=nnx.Rngs(0)))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     variables = {tuple(p): v for p, v in nnx.to_flat_state(params)}
@@ -454,7 +565,7 @@ def _assign(entries, sd, variables, config, fmt) -> dict:
 def _expected_extra(key, sd, config, fmt) -> bool:
     """Buffers and tied duplicates that carry no parameter of their own; checked against what they duplicate."""
     fam = _family(fmt)
-    tied_head = {"mamba": "lm_head.weight", "llama": "lm_head.weight", "stripedhyena": "unembed.weight"}[fam]
+    tied_head = "unembed.weight" if fam == "stripedhyena" else "lm_head.weight"
     if key == tied_head and config.tie_embeddings:
         emb = _TOP[fam][("embed", "embedding")][0]
         if not np.array_equal(np.asarray(sd[key]), np.asarray(sd[emb])):
@@ -486,20 +597,27 @@ def _check_inv_freq(key, inv_freq, config):
 # ================================================================ export
 
 def export_format(model: LM) -> str:
-    """The checkpoint format that represents `model`: mamba / mamba2 / llama (transformers) or stripedhyena."""
+    """The checkpoint format that represents `model`: mamba / mamba2 / llama / mixtral / jamba (transformers) or
+    stripedhyena."""
     cfg, kinds = model.config, {b.mixer for b in model.config.blocks}
-    mlps = {b.mlp for b in cfg.blocks}
-    if kinds == {"mamba"} and mlps == {False}:
+    ffn = {"moe" if b.moe is not None else "mlp" if b.mlp else "none" for b in cfg.blocks}
+    jamba_mamba = any(b.mixer_kwargs.get("bcdt_rms_norm") for b in cfg.blocks if b.mixer == "mamba")
+    if kinds == {"mamba"} and ffn == {"none"} and not jamba_mamba:
         return "mamba"
-    if kinds == {"mamba2"} and mlps == {False}:
+    if kinds == {"mamba2"} and ffn == {"none"}:
         return "mamba2"
-    if kinds == {"attention"} and mlps == {True}:
+    if kinds == {"attention"} and ffn == {"mlp"}:
         return "llama"
-    if kinds <= {"attention", "striped_hyena"} and mlps == {True} and "striped_hyena" in kinds:
+    if kinds == {"attention"} and ffn == {"moe"}:
+        return "mixtral"
+    if kinds <= {"attention", "mamba"} and "none" not in ffn and ("moe" in ffn or "mamba" in kinds):
+        return "jamba"
+    if kinds <= {"attention", "striped_hyena"} and ffn == {"mlp"} and "striped_hyena" in kinds:
         return "stripedhyena"
     raise ValueError(f"no supported checkpoint format represents this layer pattern (mixers {sorted(kinds)}, "
-                     f"mlp {sorted(mlps)}); exportable: all-mamba or all-mamba2 without MLPs, all-attention with "
-                     f"MLPs (llama), attention + striped_hyena with MLPs (stripedhyena)")
+                     f"channel mixers {sorted(ffn)}); exportable: all-mamba or all-mamba2 without MLPs, all-attention "
+                     f"with MLPs (llama) or with MoE (mixtral), mamba + attention with an MLP or MoE in every layer "
+                     f"(jamba), attention + striped_hyena with MLPs (stripedhyena)")
 
 
 def save_pretrained(model: LM, path, *, overwrite: bool = False, extra_config: dict | None = None) -> Path:
@@ -513,11 +631,15 @@ def save_pretrained(model: LM, path, *, overwrite: bool = False, extra_config: d
         raise ValueError(f"{path} exists and is not an empty directory; pass overwrite=True to replace its "
                          f"checkpoint files")
     fmt = export_format(model)
-    config = {"mamba": _export_mamba, "mamba2": _export_mamba2, "llama": _export_llama,
-              "stripedhyena": _export_striped_hyena}[fmt](model)
+    config = {"mamba": _export_mamba, "mamba2": _export_mamba2, "llama": _export_llama, "mixtral": _export_mixtral,
+              "jamba": _export_jamba, "stripedhyena": _export_striped_hyena}[fmt](model)
     config.update(extra_config or {})
     flat = {tuple(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     tensors = {e.key: e.to_ckpt(tuple(flat[p] for p in e.paths)) for e in key_map(model, fmt)}
+    if fmt in _EXPERT_NAMES:  # the per-expert layout transformers' save_pretrained writes (and the Hub holds)
+        tensors = _tensors.unfuse_experts(tensors, _EXPERT_NAMES[fmt])
+        if fmt == "mixtral":
+            tensors = {k.replace(".mlp.", ".block_sparse_moe."): v for k, v in tensors.items()}
     if fmt == "stripedhyena":
         if model.config.tie_embeddings:  # stripedhyena's state_dict holds both names
             tensors["unembed.weight"] = tensors["embedding_layer.weight"].copy()
@@ -581,15 +703,18 @@ def _export_mamba2(model):
     return out
 
 
-def _attention_info(model):
+def _attention_info(model, *, rope=True, window=False):
+    """The attention layers' shared settings; they must be causal with the default scale, no soft-cap, full-head
+    rotate-half RoPE (`rope`) or none, and no sliding window unless `window`."""
     u = _uniform(model, "attention", ["num_heads", "num_kv_heads", "head_dim", "rotary_dim", "rope_base",
                                       "rope_interleaved", "rope_position_scale", "window", "softcap", "scale",
                                       "causal"])
     blk = next(b for b in model.blocks if b.kind == "attention").mixer
-    if (u["rotary_dim"] != u["head_dim"] or u["rope_interleaved"] or u["window"] is not None
-            or u["softcap"] is not None or not u["causal"] or not math.isclose(u["scale"], u["head_dim"] ** -0.5)):
-        raise ValueError("attention export needs full-head rotate-half RoPE, causal, no window / softcap and the "
-                         "default 1/sqrt(head_dim) scale")
+    rope_ok = (u["rotary_dim"] == u["head_dim"] and not u["rope_interleaved"]) if rope else u["rotary_dim"] == 0
+    if (not rope_ok or (u["window"] is not None and not window) or u["softcap"] is not None or not u["causal"]
+            or not math.isclose(u["scale"], u["head_dim"] ** -0.5)):
+        raise ValueError(f"attention export needs {'full-head rotate-half RoPE' if rope else 'no RoPE'}, causal, "
+                         f"{'' if window else 'no window, '}no softcap and the default 1/sqrt(head_dim) scale")
     u["qkv_bias"], u["out_bias"] = blk.q_proj.use_bias, blk.o_proj.use_bias
     return u
 
@@ -642,4 +767,105 @@ def _export_striped_hyena(model):
                    qkv_proj_bias=u["qkv_bias"], mha_out_proj_bias=u["out_bias"])
         if u["rope_position_scale"] != 1.0:
             out.update(use_interpolated_rotary_pos_emb=True, rotary_emb_scaling_factor=u["rope_position_scale"])
+    return out
+
+
+def _moe_info(model, fmt, *, renormalize) -> dict:
+    """The MoE blocks' shared settings (from the config; `hidden` resolved): softmax top-k routing with or without
+    renormalization as `fmt` needs, SiLU experts, no shared expert. Dispatch settings are runtime choices."""
+    cfg = model.config
+    vals = []
+    for b in cfg.blocks:
+        if b.moe is not None:
+            m = b.moe
+            vals.append(dict(num_experts=m["num_experts"], top_k=m["top_k"], hidden=m.get("hidden") or cfg.mlp_hidden,
+                             scoring=m.get("scoring", "softmax"), renormalize=m.get("renormalize", True),
+                             activation=m.get("activation", "silu"), shared_hidden=m.get("shared_hidden")))
+    for v in vals[1:]:
+        if v != vals[0]:
+            raise ValueError(f"MoE layers differ in {sorted(k for k in v if v[k] != vals[0][k])}; a {fmt} config "
+                             f"holds one value")
+    u = vals[0]
+    if u["scoring"] != "softmax" or u["renormalize"] != renormalize or u["activation"] != "silu" or u["shared_hidden"]:
+        raise ValueError(f"{fmt} export needs softmax routing with renormalize={renormalize}, SiLU experts and no "
+                         f"shared expert, got scoring={u['scoring']!r}, renormalize={u['renormalize']}, "
+                         f"activation={u['activation']!r}, shared_hidden={u['shared_hidden']}")
+    return u
+
+
+def _export_mixtral(model):
+    cfg = model.config
+    _norm_info(model, ("rms",))
+    u = _attention_info(model, window=True)
+    if u["qkv_bias"] or u["out_bias"] or u["rope_position_scale"] != 1.0:
+        raise ValueError("mixtral export needs attention without biases and unscaled RoPE")
+    m = _moe_info(model, "mixtral", renormalize=True)
+    out = dict(model_type="mixtral", architectures=["MixtralForCausalLM"], vocab_size=cfg.padded_vocab_size,
+               hidden_size=cfg.d_model, intermediate_size=m["hidden"], num_hidden_layers=cfg.num_layers,
+               num_attention_heads=u["num_heads"], num_key_value_heads=u["num_kv_heads"], head_dim=u["head_dim"],
+               hidden_act="silu", rms_norm_eps=cfg.norm_eps, rope_theta=u["rope_base"],
+               rope_parameters={"rope_type": "default", "rope_theta": u["rope_base"]}, sliding_window=u["window"],
+               num_local_experts=m["num_experts"], num_experts_per_tok=m["top_k"], router_jitter_noise=0.0,
+               tie_word_embeddings=cfg.tie_embeddings)
+    if cfg.max_seq_len is not None:
+        out["max_position_embeddings"] = cfg.max_seq_len
+    return out
+
+
+def _layer_period(idx, n_layers, what) -> tuple[int, int]:
+    """(period, offset) with {i < n_layers : i % period == offset} == idx (the smallest period); no layers ->
+    (n_layers + 1, n_layers)."""
+    want = set(idx)
+    if not want:
+        return n_layers + 1, n_layers
+    for period in range(1, n_layers + 1):
+        for offset in range(period):
+            if {i for i in range(n_layers) if i % period == offset} == want:
+                return period, offset
+    raise ValueError(f"jamba export: the {what} layers {sorted(want)} are not the layers i with i % period == offset, "
+                     f"the only patterns a Jamba config expresses")
+
+
+def _export_jamba(model):
+    cfg = model.config
+    _norm_info(model, ("rms",))
+    n = cfg.num_layers
+    attn_idx = [i for i, b in enumerate(cfg.blocks) if b.mixer == "attention"]
+    expert_idx = [i for i, b in enumerate(cfg.blocks) if b.moe is not None]
+    attn_period, attn_offset = _layer_period(attn_idx, n, "attention")
+    out = dict(model_type="jamba", architectures=["JambaForCausalLM"], vocab_size=cfg.padded_vocab_size,
+               hidden_size=cfg.d_model, num_hidden_layers=n, hidden_act="silu", rms_norm_eps=cfg.norm_eps,
+               tie_word_embeddings=cfg.tie_embeddings, attn_layer_period=attn_period, attn_layer_offset=attn_offset,
+               intermediate_size=cfg.mlp_hidden, num_experts=1, num_experts_per_tok=1, expert_layer_period=2,
+               expert_layer_offset=1, num_attention_heads=1, num_key_value_heads=1)
+    if len(expert_idx) < n and (cfg.mlp_activation != "silu" or cfg.mlp_bias):
+        raise ValueError("jamba export needs SwiGLU MLPs without biases (JambaMLP)")
+    if expert_idx:
+        m = _moe_info(model, "jamba", renormalize=False)
+        if m["num_experts"] < 2 or (len(expert_idx) < n and m["hidden"] != cfg.mlp_hidden):
+            raise ValueError(f"jamba export needs >= 2 experts and the experts' width {m['hidden']} equal to the "
+                             f"MLPs' mlp_hidden={cfg.mlp_hidden} (one intermediate_size)")
+        period, offset = _layer_period(expert_idx, n, "MoE")
+        out.update(intermediate_size=m["hidden"], num_experts=m["num_experts"], num_experts_per_tok=m["top_k"],
+                   expert_layer_period=period, expert_layer_offset=offset)
+    if attn_idx:
+        u = _attention_info(model, rope=False)
+        if u["qkv_bias"] or u["out_bias"] or u["head_dim"] * u["num_heads"] != cfg.d_model:
+            raise ValueError("jamba export needs attention without biases and head_dim * num_heads == d_model")
+        out.update(num_attention_heads=u["num_heads"], num_key_value_heads=u["num_kv_heads"])
+    if len(attn_idx) < n:
+        u = _uniform(model, "mamba", ["d_state", "d_conv", "d_inner", "dt_rank", "bcdt_rms_norm", "bcdt_norm_eps"])
+        biases = {(b.mixer.conv_bias is not None, b.mixer.in_proj.use_bias, b.mixer.out_proj.use_bias)
+                  for b in model.blocks if b.kind == "mamba"}
+        if (not u["bcdt_rms_norm"] or not math.isclose(u["bcdt_norm_eps"], cfg.norm_eps) or len(biases) != 1
+                or u["d_inner"] % cfg.d_model):
+            raise ValueError("jamba export needs Mamba layers with bcdt_rms_norm=True, their eps equal to the model's "
+                             "norm eps, d_inner a multiple of d_model and the same bias settings in every layer")
+        (conv_bias, proj_bias, out_bias), = biases
+        if proj_bias != out_bias:
+            raise ValueError("jamba export needs the same bias setting on in_proj and out_proj (mamba_proj_bias)")
+        out.update(mamba_d_state=u["d_state"], mamba_d_conv=u["d_conv"], mamba_expand=u["d_inner"] // cfg.d_model,
+                   mamba_dt_rank=u["dt_rank"], mamba_conv_bias=conv_bias, mamba_proj_bias=proj_bias)
+    if cfg.max_seq_len is not None:
+        out["max_position_embeddings"] = cfg.max_seq_len
     return out

@@ -2,13 +2,16 @@
 
 A model is `embedding -> blocks -> final norm -> head`; each block is a `BlockSpec`: a sequence mixer
 ("attention", "hyena", "striped_hyena", "mamba", "mamba2") with its constructor keyword arguments, and an
-optional gated MLP (channel mixer) sized by the model-wide `mlp_hidden` / `mlp_activation` / `mlp_bias`.
+optional channel mixer: a gated MLP sized by the model-wide `mlp_hidden` / `mlp_activation` / `mlp_bias`, or a
+mixture-of-experts layer (`moe`: keywords of `layers.MoE`, its `hidden` defaulting to `mlp_hidden`).
 
 Presets (the math of the PyTorch reference; parameter names are mapped by `seqmix_jax.models.checkpoints`):
   * `mamba_preset`         mamba_ssm `MambaLMHeadModel` (Mamba-1) / transformers `MambaForCausalLM`
   * `mamba2_preset`        the same with Mamba-2 mixers, plus mamba_ssm `attn_layer_idx` hybrids (mamba2attn)
   * `llama_preset`         transformers `LlamaForCausalLM` (attention + SwiGLU MLP per layer)
   * `striped_hyena_preset` togethercomputer/stripedhyena `StripedHyena` (SH-7B striping)
+  * `mixtral_preset`       transformers `MixtralForCausalLM` (RoPE attention + top-k MoE in every layer)
+  * `jamba_preset`         transformers `JambaForCausalLM` (Mamba / attention hybrid, MoE every other layer)
   * `pattern_config`       any user pattern, e.g. "MMAMMA"
 
 Every config validates itself on construction and raises ValueError naming the offending values.
@@ -17,6 +20,7 @@ Every config validates itself on construction and raises ValueError naming the o
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +39,7 @@ def _pos_int(name: str, v) -> None:
 
 @dataclass(frozen=True)
 class BlockSpec:
-    """One layer: a sequence mixer and an optional gated MLP.
+    """One layer: a sequence mixer and an optional channel mixer (a gated MLP or a mixture of experts).
 
     Args:
       mixer: "attention" | "hyena" | "striped_hyena" | "mamba" | "mamba2".
@@ -43,11 +47,16 @@ class BlockSpec:
       mixer_kwargs: keyword arguments of the mixer's constructor (layers.Attention, HyenaOperator,
         StripedHyenaMixer, MambaMixer, Mamba2Mixer) other than d_model, dtype, param_dtype and rngs.
         Excluded from the hash (dicts are not hashable); equality compares it.
+      moe: follow the mixer with a (pre-normed, residual) mixture-of-experts layer instead of an MLP: keyword
+        arguments of `layers.MoE` other than d_model, dtype, param_dtype and rngs — `num_experts` and `top_k`
+        are required, `hidden` defaults to ModelConfig.mlp_hidden (e.g. dict(num_experts=8, top_k=2,
+        dispatch="dropless")). None: no MoE. Excluded from the hash like mixer_kwargs.
     """
 
     mixer: str
     mlp: bool = False
     mixer_kwargs: Mapping = field(default_factory=dict, hash=False)
+    moe: Mapping | None = field(default=None, hash=False)
 
     def __post_init__(self):
         if self.mixer not in MIXERS:
@@ -60,6 +69,31 @@ class BlockSpec:
         if bad:
             raise ValueError(f"mixer_kwargs must not set {bad}: they come from the ModelConfig")
         object.__setattr__(self, "mixer_kwargs", dict(self.mixer_kwargs))
+        if self.moe is not None:
+            _check_moe(self.moe)
+            if self.mlp:
+                raise ValueError("a block has either mlp=True or moe (a gated MLP or a mixture of experts as its "
+                                 "channel mixer), not both")
+            object.__setattr__(self, "moe", dict(self.moe))
+
+
+def _check_moe(moe) -> None:
+    """The parts of a BlockSpec.moe mapping a config can check without building the layer (a misspelled keyword
+    is reported when the model is built)."""
+    if not isinstance(moe, Mapping):
+        raise ValueError(f"moe must be None or a mapping of layers.MoE keywords, got {type(moe).__name__}")
+    bad = sorted({"d_model", "dtype", "param_dtype", "rngs"} & set(moe))
+    if bad:
+        raise ValueError(f"moe must not set {bad}: they come from the ModelConfig")
+    missing = [k for k in ("num_experts", "top_k") if k not in moe]
+    if missing:
+        raise ValueError(f"moe needs {missing} (got keys {sorted(moe)})")
+    _pos_int("moe num_experts", moe["num_experts"])
+    _pos_int("moe top_k", moe["top_k"])
+    if moe["top_k"] > moe["num_experts"]:
+        raise ValueError(f"moe top_k={moe['top_k']} exceeds num_experts={moe['num_experts']}")
+    if moe.get("hidden") is not None:
+        _pos_int("moe hidden", moe["hidden"])
 
 
 @dataclass(frozen=True)
@@ -73,7 +107,8 @@ class ModelConfig:
       norm: "rms" (eps inside the sqrt: mamba_ssm, Llama, SH-7B flash rmsnorm), "rms_eps_outside"
         (StripedHyena's non-flash RMSNorm) or "layer" (LayerNorm with bias).
       norm_eps: epsilon of every norm in the model.
-      mlp_hidden: hidden width f of the gated MLPs (required when any block has mlp=True).
+      mlp_hidden: hidden width f of the gated MLPs (required when any block has mlp=True) and the default
+        expert width of MoE blocks.
       mlp_activation: "silu" (SwiGLU), "gelu" (erf) or "gelu_tanh".
       mlp_bias: biases on the MLP projections.
       tie_embeddings: logits = h @ embedding^T (no separate lm_head).
@@ -123,6 +158,10 @@ class ModelConfig:
         if self.mlp_hidden is None:
             if uses_mlp:
                 raise ValueError(f"mlp_hidden is None but blocks {uses_mlp} have mlp=True")
+            moe_no_hidden = [i for i, b in enumerate(self.blocks) if b.moe is not None and b.moe.get("hidden") is None]
+            if moe_no_hidden:
+                raise ValueError(f"mlp_hidden is None but the moe of blocks {moe_no_hidden} has no hidden width "
+                                 f"(set moe hidden or mlp_hidden)")
         else:
             _pos_int("mlp_hidden", self.mlp_hidden)
         if self.max_seq_len is not None:
@@ -338,3 +377,103 @@ def striped_hyena_preset(*, vocab_size: int = 32000, hidden_size: int = 4096, nu
                        norm="rms" if use_flash_rmsnorm else "rms_eps_outside", norm_eps=eps,
                        mlp_hidden=inner_mlp_size, mlp_activation=mlp_activation, tie_embeddings=tie_embeddings,
                        pad_vocab_size_multiple=make_vocab_size_divisible_by, final_norm=final_norm, **config_kwargs)
+
+
+MOE_DISPATCH_DEFAULT = "dropless"
+
+
+def mixtral_preset(*, vocab_size: int = 32000, hidden_size: int = 4096, intermediate_size: int = 14336,
+                   num_hidden_layers: int = 32, num_attention_heads: int = 32, num_key_value_heads: int | None = 8,
+                   head_dim: int | None = None, hidden_act: str = "silu", max_position_embeddings: int | None = 131072,
+                   rms_norm_eps: float = 1e-5, rope_theta: float = 1e6, tie_word_embeddings: bool = False,
+                   sliding_window: int | None = None, num_experts_per_tok: int = 2, num_local_experts: int = 8,
+                   router_jitter_noise: float = 0.0, moe_dispatch: str = MOE_DISPATCH_DEFAULT,
+                   capacity_factor: float = 1.25, **config_kwargs) -> ModelConfig:
+    """transformers `MixtralForCausalLM` (names as its config; defaults: Mixtral-8x7B). Every layer is
+    `r += attn(input_layernorm(r)); r += moe(post_attention_layernorm(r))`: Llama's attention (RoPE rotate-half
+    over the full head dim, GQA, no biases; a causal sliding window of `sliding_window` keys when set) and a
+    mixture of `num_local_experts` SwiGLU experts of width `intermediate_size`, each token sent to its
+    `num_experts_per_tok` most probable experts with the softmax probabilities renormalized over those k.
+
+    `moe_dispatch` / `capacity_factor` choose how layers.MoE runs the experts ("dropless" computes exactly what
+    transformers does; "capacity" drops overflow tokens). `router_jitter_noise` (multiplicative input noise in
+    training) is not implemented: a value > 0 is a ValueError (checkpoints trained with it load through
+    `from_pretrained`, which drops it — inference never applies it)."""
+    act = _swiglu_only("mixtral", hidden_act)
+    _pos_int("num_hidden_layers", num_hidden_layers)
+    if not isinstance(router_jitter_noise, numbers.Real) or router_jitter_noise != 0:
+        raise ValueError(f"router_jitter_noise={router_jitter_noise!r} is not supported (training-time input noise "
+                         f"is not implemented; use 0)")
+    if sliding_window is not None:
+        _pos_int("sliding_window", sliding_window)
+    attn = dict(num_heads=num_attention_heads, num_kv_heads=num_key_value_heads, head_dim=head_dim, qkv_bias=False,
+                out_bias=False, rope_base=rope_theta, window=sliding_window)
+    attn = {k: v for k, v in attn.items() if v is not None}
+    moe = _moe_kwargs(num_local_experts, num_experts_per_tok, renormalize=True, dispatch=moe_dispatch,
+                      capacity_factor=capacity_factor)
+    blocks = tuple(BlockSpec("attention", False, attn, moe=moe) for _ in range(num_hidden_layers))
+    return ModelConfig(vocab_size=vocab_size, d_model=hidden_size, blocks=blocks, norm="rms", norm_eps=rms_norm_eps,
+                       mlp_hidden=intermediate_size, mlp_activation=act, tie_embeddings=tie_word_embeddings,
+                       max_seq_len=max_position_embeddings, **config_kwargs)
+
+
+def jamba_preset(*, vocab_size: int = 65536, tie_word_embeddings: bool = False, hidden_size: int = 4096,
+                 intermediate_size: int = 14336, num_hidden_layers: int = 32, num_attention_heads: int = 32,
+                 num_key_value_heads: int | None = 8, hidden_act: str = "silu", rms_norm_eps: float = 1e-6,
+                 max_position_embeddings: int | None = 262144, num_experts_per_tok: int = 2, num_experts: int = 16,
+                 expert_layer_period: int = 2, expert_layer_offset: int = 1, attn_layer_period: int = 8,
+                 attn_layer_offset: int = 4, mamba_d_state: int = 16, mamba_d_conv: int = 4, mamba_expand: int = 2,
+                 mamba_dt_rank: int | str = "auto", mamba_conv_bias: bool = True, mamba_proj_bias: bool = False,
+                 moe_dispatch: str = MOE_DISPATCH_DEFAULT, capacity_factor: float = 1.25,
+                 **config_kwargs) -> ModelConfig:
+    """transformers `JambaForCausalLM` (names as its config; defaults: Jamba-v0.1). Layer i is attention when
+    `i % attn_layer_period == attn_layer_offset`, else a Mamba-1 mixer with RMSNorms on dt, B and C (Jamba's
+    `JambaMambaMixer`: MambaMixer(bcdt_rms_norm=True, bcdt_norm_eps=rms_norm_eps)); its channel mixer is a mixture
+    of `num_experts` SwiGLU experts with top-`num_experts_per_tok` softmax routing (weights NOT renormalized)
+    when `i % expert_layer_period == expert_layer_offset` and num_experts > 1, else a SwiGLU MLP
+    (`JambaMLP`). Attention has no positional encoding (rotary_dim=0), GQA, no biases. Blocks are
+    `r += mixer(input_layernorm(r)); r += ffn(pre_ff_layernorm(r))`; RMSNorm eps inside; untied head by default.
+    `moe_dispatch` / `capacity_factor` as in `mixtral_preset`."""
+    act = _swiglu_only("jamba", hidden_act)
+    _pos_int("num_hidden_layers", num_hidden_layers)
+    for name, period, offset in (("attn", attn_layer_period, attn_layer_offset),
+                                 ("expert", expert_layer_period, expert_layer_offset)):
+        _pos_int(f"{name}_layer_period", period)
+        if not isinstance(offset, numbers.Integral) or isinstance(offset, bool) or not 0 <= offset < period:
+            raise ValueError(f"{name}_layer_offset={offset!r} must be an int in [0, {name}_layer_period={period})")
+    _pos_int("num_experts", num_experts)
+    dt_rank = math.ceil(hidden_size / 16) if mamba_dt_rank == "auto" else mamba_dt_rank
+    ssm = dict(d_state=mamba_d_state, d_conv=mamba_d_conv, expand=mamba_expand, dt_rank=dt_rank,
+               conv_bias=mamba_conv_bias, bias=mamba_proj_bias, bcdt_rms_norm=True, bcdt_norm_eps=rms_norm_eps)
+    attn = dict(num_heads=num_attention_heads, num_kv_heads=num_key_value_heads, qkv_bias=False, out_bias=False,
+                rotary_dim=0)
+    attn = {k: v for k, v in attn.items() if v is not None}
+    moe = (_moe_kwargs(num_experts, num_experts_per_tok, renormalize=False, dispatch=moe_dispatch,
+                       capacity_factor=capacity_factor) if num_experts > 1 else None)
+    blocks = []
+    for i in range(num_hidden_layers):
+        is_attn = i % attn_layer_period == attn_layer_offset
+        expert = moe is not None and i % expert_layer_period == expert_layer_offset
+        blocks.append(BlockSpec("attention" if is_attn else "mamba", not expert, attn if is_attn else ssm,
+                                moe=moe if expert else None))
+    return ModelConfig(vocab_size=vocab_size, d_model=hidden_size, blocks=tuple(blocks), norm="rms",
+                       norm_eps=rms_norm_eps, mlp_hidden=intermediate_size, mlp_activation=act,
+                       tie_embeddings=tie_word_embeddings, max_seq_len=max_position_embeddings, **config_kwargs)
+
+
+def _swiglu_only(kind: str, hidden_act: str) -> str:
+    if hidden_act != "silu":  # Jamba also uses it as the Mamba conv activation, which is SiLU here
+        raise ValueError(f"{kind}: hidden_act {hidden_act!r} is not supported (only 'silu')")
+    return "silu"
+
+
+def _moe_kwargs(num_experts, top_k, *, renormalize, dispatch, capacity_factor) -> dict:
+    _pos_int("num_experts", num_experts)
+    _pos_int("num_experts_per_tok", top_k)
+    if top_k > num_experts:
+        raise ValueError(f"num_experts_per_tok={top_k} exceeds the number of experts {num_experts}")
+    kw = dict(num_experts=num_experts, top_k=top_k, scoring="softmax", renormalize=renormalize, dispatch=dispatch,
+              activation="silu")
+    if dispatch == "capacity":
+        kw["capacity_factor"] = capacity_factor
+    return kw

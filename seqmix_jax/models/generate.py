@@ -12,8 +12,9 @@ the i-th new token — the same seed gives the same tokens. Padded vocabulary ro
 produced. With `eos_id`, a row that has produced eos keeps producing eos, and the loop stops once every row has.
 
 The model is split once (`nnx.split`) and the jitted functions `nnx.merge` it inside (cheaper than nnx.jit on
-small models); they are cached on the graph definition and the static sampling settings, so repeated calls with
-the same model structure and shapes do not recompile.
+small models; the decode loop merges inside its body, where MoE layers sow their statistics); they are cached on the
+graph definition and the static sampling settings, so repeated calls with the same model structure and shapes do not
+recompile.
 
 Limits: every row's prompt has the same length (no left padding / attention masks).
 """
@@ -135,7 +136,6 @@ def _prefill(graphdef, params, ids, key, max_len, sampling):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "n", "sampling", "eos_id"))
 def _decode(graphdef, params, first, state, key, n, sampling, eos_id):
-    model = nnx.merge(graphdef, params)
     b = first.shape[0]
     out = jnp.full((b, n), 0 if eos_id is None else eos_id, jnp.int32).at[:, 0].set(first)
     done = jnp.zeros((b,), bool) if eos_id is None else first == eos_id
@@ -146,6 +146,9 @@ def _decode(graphdef, params, first, state, key, n, sampling, eos_id):
 
     def body(carry):
         i, tok, state, out, done = carry
+        # Merged inside the loop body: layers that record something on a call (MoE layers sow their routing
+        # statistics) may only mutate modules created at the trace level they run in.
+        model = nnx.merge(graphdef, params)
         logits, new_state = model.step(tok, state)
         # Keep the carry's dtypes fixed (a mixer may return a state leaf in another float dtype).
         new_state = jax.tree.map(lambda a, s: a.astype(s.dtype), new_state, state)

@@ -6,6 +6,7 @@ Axis letters: b batch, l sequence, d d_model, v padded vocabulary.
     for each block i:
         r = r + mixer_i(norm_i(r))                      pre-norm residual (mamba_ssm's fused add -> norm, stripedhyena's
         r = r + mlp_i(mlp_norm_i(r))    (if spec.mlp)    pre_norm/post_norm blocks and Llama's layers are this math)
+        r = r + moe_i(mlp_norm_i(r))    (if spec.moe)    mixture of experts (Mixtral, Jamba), position-wise
     h = norm_f(r)                                      (if final_norm)
     logits = h @ embed.embedding^T  (tied)   or  lm_head(h)  (untied)      (b, l, v) float32
 
@@ -16,17 +17,21 @@ Parameter paths (`nnx.state(model)`; H6's checkpoint mapping and the trainer's s
     blocks.{i}.mixer.<...>                     the mixer's own parameters (see its module docstring):
         attention      q_proj, k_proj, v_proj, o_proj .{kernel (in, out), bias}
         mamba          in_proj, conv_weight (w, e), conv_bias, x_proj, dt_proj (no bias), dt_bias, A_log, D, out_proj
+                       (+ dt_layernorm, b_layernorm, c_layernorm .scale with bcdt_rms_norm: Jamba)
         mamba2         in_proj, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight, out_proj
         striped_hyena  projections, short_filter_weight (w, 3d), short_filter_bias, poles, residues (d, n, 2), D,
                        out_proj
         hyena          in_proj, short_filter.{weight,bias}, filter_fn.<...>, out_proj
     blocks.{i}.mlp_norm.scale (+bias) and blocks.{i}.mlp.{gate, up, down}.{kernel, bias}   only when spec.mlp
+    blocks.{i}.mlp_norm.scale (+bias) and blocks.{i}.moe.{router.kernel (d, e), wi (e, d, 2f), wo (e, f, d)}
+                                               only when spec.moe (see layers.MoE; + moe.shared.* with shared_hidden)
     norm_f.scale (+bias)                       only when config.final_norm
     lm_head.kernel                    (d, v)   only when not config.tie_embeddings (logical axes ("embed", "vocab"))
 
 Reference names: mamba_ssm block `norm`/`mixer`/`norm2`/`mlp`, `norm_f`, `lm_head`; transformers Llama
-`input_layernorm`/`self_attn`/`post_attention_layernorm`/`mlp`, `model.norm`; stripedhyena `pre_norm`/
-`post_norm`/`mlp.l1,l2,l3` (= gate, up, down), `norm`, `unembed`.
+`input_layernorm`/`self_attn`/`post_attention_layernorm`/`mlp`, `model.norm`; Mixtral the same with the MoE as `mlp`
+(`block_sparse_moe` on disk); Jamba `input_layernorm`/`self_attn` or `mamba`/`pre_ff_layernorm`/`feed_forward`,
+`model.final_layernorm`; stripedhyena `pre_norm`/`post_norm`/`mlp.l1,l2,l3` (= gate, up, down), `norm`, `unembed`.
 
 Vocabulary padding: the embedding and the head have `padded_vocab_size` rows and logits are returned over the
 padded vocabulary (as mamba_ssm and transformers' Mamba do); ids >= vocab_size are rejected as inputs and
@@ -34,7 +39,13 @@ padded vocabulary (as mamba_ssm and transformers' Mamba do); ids >= vocab_size a
 
 Decoding: `init_state(b, max_len)` -> a tuple of per-layer mixer states (KV caches, SSM states, FIR + modal
 states, Hyena histories); `prefill(ids, state)` and `step(tokens, state)` advance all layers. Every row of a
-batch must be at the same position for Hyena layers (their state has one scalar position).
+batch must be at the same position for Hyena layers (their state has one scalar position). MLP and MoE channel
+mixers are position-wise and keep no state (a step runs the MoE on a length-1 sequence).
+
+MoE statistics: each MoE layer sows its `MoEStats` (load-balancing loss, z-loss, drop fraction) as an
+`nnx.Intermediate` on every call; read them with `seqmix_jax.layers.moe.pop_moe_stats(model)`. `segment_ids` reach
+the MoE layers too: tokens of segment 0 are padding there (routed nowhere, left out of the statistics), so packed
+rows number their documents from 1 (as `seqmix_jax.train.data` does).
 """
 
 from __future__ import annotations
@@ -48,6 +59,7 @@ from jaxtyping import Array, Float, Int
 from seqmix_jax.layers import Attention, GatedMLP, HyenaOperator, LayerNorm, Mamba2Mixer, MambaMixer, RMSNorm
 from seqmix_jax.layers import StripedHyenaMixer
 from seqmix_jax.layers._init import axes, check_dims, linear
+from seqmix_jax.layers.moe import MoE
 from seqmix_jax.models.config import BlockSpec, ModelConfig
 from seqmix_jax.parallel import constrain
 
@@ -84,25 +96,39 @@ def make_mixer(spec: BlockSpec, config: ModelConfig, *, rngs: nnx.Rngs, index: i
         raise ValueError(f"blocks[{index}] ({spec.mixer}) mixer_kwargs {sorted(spec.mixer_kwargs)}: {e}") from None
 
 
-class Block(nnx.Module):
-    """One layer on the residual stream r (b, l, d): r += mixer(norm(r)); if an MLP: r += mlp(mlp_norm(r)).
+def make_moe(spec: BlockSpec, config: ModelConfig, *, rngs: nnx.Rngs, index: int = 0) -> nnx.Module:
+    """The mixture-of-experts channel mixer of one block; its `hidden` defaults to config.mlp_hidden."""
+    kwargs = dict(spec.moe)
+    hidden = kwargs.pop("hidden", None) or config.mlp_hidden
+    try:
+        return MoE(config.d_model, hidden, kwargs.pop("num_experts"), kwargs.pop("top_k"), **kwargs,
+                   dtype=_dtype(config.dtype), param_dtype=_dtype(config.param_dtype), rngs=rngs)
+    except TypeError as e:  # a misspelled keyword: say which layer
+        raise ValueError(f"blocks[{index}] moe {sorted(spec.moe)}: {e}") from None
 
-    The mixer and MLP inputs are in the compute dtype; their outputs are added to r in r's dtype (float32 when
-    residual_in_fp32, as mamba_ssm)."""
+
+class Block(nnx.Module):
+    """One layer on the residual stream r (b, l, d): r += mixer(norm(r)); then, with an MLP, r += mlp(mlp_norm(r)),
+    or with a mixture of experts, r += moe(mlp_norm(r)).
+
+    The mixer and channel-mixer inputs are in the compute dtype; their outputs are added to r in r's dtype (float32
+    when residual_in_fp32, as mamba_ssm)."""
 
     def __init__(self, spec: BlockSpec, config: ModelConfig, *, rngs: nnx.Rngs, index: int = 0):
         self.kind = spec.mixer
         self.norm = make_norm(config, rngs=rngs)
         self.mixer = make_mixer(spec, config, rngs=rngs, index=index)
-        self.mlp_norm = make_norm(config, rngs=rngs) if spec.mlp else None
+        has_moe = spec.moe is not None
+        self.mlp_norm = make_norm(config, rngs=rngs) if spec.mlp or has_moe else None
         self.mlp = (GatedMLP(config.d_model, config.mlp_hidden, activation=config.mlp_activation,
                              use_bias=config.mlp_bias, dtype=_dtype(config.dtype),
                              param_dtype=_dtype(config.param_dtype), rngs=rngs) if spec.mlp else None)
+        self.moe = make_moe(spec, config, rngs=rngs, index=index) if has_moe else None
 
     def __call__(self, r: Float[Array, "b l d"], *, segment_ids: Int[Array, "b l"] | None = None
                  ) -> Float[Array, "b l d"]:
         kw = {} if segment_ids is None else {"segment_ids": segment_ids}
-        return self._channel(r + self.mixer(self.norm(r), **kw).astype(r.dtype))
+        return self._channel(r + self.mixer(self.norm(r), **kw).astype(r.dtype), segment_ids)
 
     def prefill(self, r, state):
         y, state = self.mixer.prefill(self.norm(r), state)
@@ -112,10 +138,16 @@ class Block(nnx.Module):
         y, state = self.mixer.step(self.norm(r_t), state)
         return self._channel(r_t + y.astype(r_t.dtype)), state
 
-    def _channel(self, r):
-        if self.mlp is None:
-            return r
-        return r + self.mlp(self.mlp_norm(r)).astype(r.dtype)
+    def _channel(self, r, segment_ids=None):
+        if self.mlp is not None:
+            return r + self.mlp(self.mlp_norm(r)).astype(r.dtype)
+        if self.moe is not None:
+            h = self.mlp_norm(r)
+            if h.ndim == 2:  # a decode step (b, d): the MoE is position-wise, run it on a length-1 sequence
+                return r + self.moe(h[:, None])[:, 0].astype(r.dtype)
+            kw = {} if segment_ids is None else {"segment_ids": segment_ids}
+            return r + self.moe(h, **kw).astype(r.dtype)
+        return r
 
 
 class LM(nnx.Module):

@@ -143,11 +143,12 @@ def test_stats_sown_pop_and_jit(rng):
     np.testing.assert_allclose(np.asarray(y_jax), np.asarray(y), rtol=1e-6, atol=1e-6)
     for name, a, b in zip(want._fields, got, want):
         assert_close(f"jax.jit {name}", a, b, OUT_TOL)
-    # Two calls: two entries in one nnx.Intermediate, which nnx.pop sees as well.
+    # Two calls: the last one's statistics in one nnx.Intermediate (nothing piles up), which nnx.pop sees as well.
     m(x)
-    m(x)
+    m(x[:1])
     popped = nnx.to_flat_state(nnx.pop(m, nnx.Intermediate))
-    assert [p for p, _ in popped] == [("moe_stats",)] and len(popped[0][1].get_value()) == 2
+    assert [p for p, _ in popped] == [("moe_stats",)] and len(popped[0][1].get_value()) == 1
+    assert int(popped[0][1].get_value()[0].tokens_per_expert.sum()) == 3 * 2  # x[:1]: 3 tokens, top-2
     assert pop_moe_stats(m) == []
 
 

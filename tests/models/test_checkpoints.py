@@ -145,7 +145,7 @@ def test_unsupported_model_type_is_named_with_the_supported_list(saved):
     cfg = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
     with pytest.raises(ValueError, match=r"unsupported model_type 'gpt2'.*supported: \['mamba', 'mamba2', 'llama', "
-                                         r"'stripedhyena'\]"):
+                                         r"'mixtral', 'jamba', 'stripedhyena'\]"):
         from_pretrained(d)
     (d / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="is not valid JSON"):
