@@ -175,10 +175,14 @@ class _Section:
 @dataclass(frozen=True)
 class ModelSection(_Section):
     """The language model (see seqmix_jax.models.config): `pattern` has one letter per layer, M mamba,
-    2 mamba2, A attention, H hyena, S striped_hyena. `mlp`: every layer (bool) or a "0"/"1" string per layer.
-    `mlp_hidden` None = 4 * d_model. `mixer_kwargs`: per mixer kind, its constructor keywords (e.g.
-    {attention: {num_heads: 4}}). `head_only_at_weights`: the trainer may compute the LM head only at positions
-    with weight > 0 (same loss, less work). The other fields are ModelConfig's."""
+    2 mamba2, A attention, H hyena, S striped_hyena. `mlp`: every layer (bool) or one character per layer:
+    "1" a gated MLP, "0" none, "E" a mixture of experts (`layers.MoE` with the keywords `moe`, e.g.
+    {num_experts: 8, top_k: 2, dispatch: capacity, capacity_factor: 1.25}; its `hidden` defaults to
+    mlp_hidden). `moe_aux_loss_weight` / `moe_z_loss_weight` weigh the MoE layers' load-balancing loss and router
+    z-loss (each averaged over the MoE layers) in the training objective. `mlp_hidden` None = 4 * d_model.
+    `mixer_kwargs`: per mixer kind, its constructor keywords (e.g. {attention: {num_heads: 4}}).
+    `head_only_at_weights`: the trainer may compute the LM head only at positions with weight > 0 (same loss,
+    less work). The other fields are ModelConfig's."""
 
     section: ClassVar[str] = "model"
     pattern: str = "SA"
@@ -186,6 +190,9 @@ class ModelSection(_Section):
     d_model: int = 64
     mlp: bool | str = True
     mlp_hidden: int | None = None
+    moe: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    moe_aux_loss_weight: float = 0.01
+    moe_z_loss_weight: float = 0.001
     mlp_activation: str = "silu"
     mlp_bias: bool = False
     mixer_kwargs: Mapping[str, Any] = field(
@@ -207,12 +214,13 @@ class ModelSection(_Section):
         _check(bool(self.pattern) and not bad, f"model.pattern {self.pattern!r} must be a non-empty string of the "
                f"letters {PATTERN_LETTERS}" + (f"; unknown letters {bad}" if bad else ""))
         if isinstance(self.mlp, str):
-            _check(len(self.mlp) == len(self.pattern) and not set(self.mlp) - {"0", "1"},
-                   f"model.mlp {self.mlp!r} must be true, false or {len(self.pattern)} characters of '0'/'1' "
+            _check(len(self.mlp) == len(self.pattern) and not set(self.mlp) - {"0", "1", "E"},
+                   f"model.mlp {self.mlp!r} must be true, false or {len(self.pattern)} characters of '0'/'1'/'E' "
                    f"(one per layer of model.pattern {self.pattern!r})")
         self._positive("vocab_size", "d_model", "mlp_hidden", "pad_vocab_size_multiple", "max_seq_len",
                        "embed_init_std")
-        self._positive("norm_eps", allow_zero=True)
+        self._positive("norm_eps", "moe_aux_loss_weight", "moe_z_loss_weight", allow_zero=True)
+        self._validate_moe()
         _choice("model.mlp_activation", self.mlp_activation, ACTIVATIONS)
         _choice("model.norm", self.norm, NORMS)
         _choice("model.param_dtype", self.param_dtype, DTYPES)
@@ -248,20 +256,42 @@ class ModelSection(_Section):
             _check(not missing, f"model.mixer_kwargs.{kind} needs {missing} (model.pattern {self.pattern!r} has "
                    f"{kind} layers)")
 
+    def _validate_moe(self):
+        from seqmix_jax.layers.moe import MoE
+
+        valid = [p for p in inspect.signature(MoE.__init__).parameters if p not in _MODEL_SUPPLIED]
+        for name in self.moe:
+            if name not in valid:
+                raise _unknown_key(f"model.moe.{name}", [f"model.moe.{p}" for p in valid])
+        if self.uses_moe:
+            missing = [p for p in ("num_experts", "top_k") if p not in self.moe]
+            _check(not missing, f"model.moe needs {missing} (model.mlp {self.mlp!r} has MoE layers 'E')")
+
     @property
     def uses_mlp(self) -> bool:
         return self.mlp is True or (isinstance(self.mlp, str) and "1" in self.mlp)
 
+    @property
+    def uses_moe(self) -> bool:
+        return isinstance(self.mlp, str) and "E" in self.mlp
+
     def to_model_config(self) -> ModelConfig:
         """The seqmix_jax.models.ModelConfig of this section (via pattern_config)."""
-        mlp_hidden = self.mlp_hidden if self.mlp_hidden is not None or not self.uses_mlp else 4 * self.d_model
-        return pattern_config(
-            self.pattern, vocab_size=self.vocab_size, d_model=self.d_model, mlp=self.mlp,
+        mlp_hidden = (self.mlp_hidden if self.mlp_hidden is not None or not (self.uses_mlp or self.uses_moe)
+                      else 4 * self.d_model)
+        mlp = self.mlp.replace("E", "0") if isinstance(self.mlp, str) else self.mlp
+        config = pattern_config(
+            self.pattern, vocab_size=self.vocab_size, d_model=self.d_model, mlp=mlp,
             mixer_kwargs={k: dict(v) for k, v in self.mixer_kwargs.items()}, norm=self.norm, norm_eps=self.norm_eps,
             mlp_hidden=mlp_hidden, mlp_activation=self.mlp_activation, mlp_bias=self.mlp_bias,
             tie_embeddings=self.tie_embeddings, pad_vocab_size_multiple=self.pad_vocab_size_multiple,
             residual_in_fp32=self.residual_in_fp32, final_norm=self.final_norm, max_seq_len=self.max_seq_len,
             embed_init_std=self.embed_init_std, dtype=self.dtype, param_dtype=self.param_dtype)
+        if not self.uses_moe:
+            return config
+        blocks = tuple(dataclasses.replace(b, moe=dict(self.moe)) if c == "E" else b
+                       for b, c in zip(config.blocks, self.mlp))
+        return dataclasses.replace(config, blocks=blocks)
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ import numpy as np
 from flax import nnx
 
 from seqmix_jax import parallel
+from seqmix_jax.layers.moe import pop_moe_stats
 from seqmix_jax.models import LM
 from seqmix_jax.models.lm import MIXER_CLASSES
 from seqmix_jax.train import sharding as sh
@@ -160,9 +161,14 @@ def _gather(x, idx):
 
 
 def _losses(model: LM, batch: dict, idx, use_segments: bool, acc_fn):
-    """Sum of weighted CE, sum of weights, correct and counted tokens for one (micro-)batch."""
+    """Sum of weighted CE, sum of weights, correct and counted tokens for one (micro-)batch, and the MoE layers'
+    statistics {"aux", "z", "drop"} (one entry per MoE layer, in layer order; empty arrays without MoE)."""
     seg = batch["segment_ids"] if use_segments else None
     logits = model(batch["inputs"], segment_ids=seg, logits_at=idx)
+    stats = pop_moe_stats(model)
+    moe = {"aux": jnp.stack([s.load_balance_loss for s in stats]) if stats else jnp.zeros((0,), jnp.float32),
+           "z": jnp.stack([s.z_loss for s in stats]) if stats else jnp.zeros((0,), jnp.float32),
+           "drop": jnp.stack([s.drop_fraction for s in stats]) if stats else jnp.zeros((0,), jnp.float32)}
     vocab = model.config.vocab_size
     logits = logits[..., :vocab]  # padded vocabulary rows are never targets
     targets, weights = _gather(batch["targets"], idx), _gather(batch["weights"], idx)
@@ -170,24 +176,51 @@ def _losses(model: LM, batch: dict, idx, use_segments: bool, acc_fn):
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     ce_sum = jnp.sum(weights * (logz - picked))
     correct, count = acc_fn(logits, {"targets": targets, "weights": weights})
-    return ce_sum, jnp.sum(weights), correct, count
+    return ce_sum, jnp.sum(weights), correct, count, moe
+
+
+def _check_expert_parallel(model_config, mesh) -> None:
+    """Expert-parallel MoE layers need their experts to split evenly over the mesh's expert axis."""
+    p = mesh.shape.get("expert", 1)
+    for i, b in enumerate(model_config.blocks):
+        if b.moe is not None and b.moe.get("expert_parallel") and p > 1 and b.moe["num_experts"] % p:
+            raise ValueError(f"layer {i}: model.moe.num_experts={b.moe['num_experts']} must be divisible by the "
+                             f"expert-parallel size mesh.expert={p} (model.moe.expert_parallel="
+                             f"{b.moe['expert_parallel']!r})")
+
+
+def _moe_layers(model_config) -> list[int]:
+    """Indices of the blocks whose channel mixer is a mixture of experts."""
+    return [i for i, b in enumerate(model_config.blocks) if b.moe is not None]
+
+
+def _mean_or_zero(x):
+    return jnp.mean(x) if x.shape[0] else jnp.float32(0)
 
 
 def make_train_step(graphdef, tx, *, accum: int, use_segments: bool, acc_fn, mesh, in_shardings, out_shardings,
-                    batch_sharding):
-    """jit(state, batch, idx) -> (state, metrics) with explicit shardings; state is donated."""
+                    batch_sharding, n_moe: int = 0, moe_aux_weight: float = 0.0, moe_z_weight: float = 0.0):
+    """jit(state, batch, idx) -> (state, metrics) with explicit shardings; state is donated.
+
+    The objective is the token-weighted mean CE plus, with MoE layers, moe_aux_weight * (their mean
+    load-balancing loss) + moe_z_weight * (their mean router z-loss); a micro-batch's MoE terms count in
+    proportion to its weighted tokens, as its CE does. `loss` in the metrics is the CE alone. `n_moe`: the
+    model's number of MoE layers."""
 
     def loss_and_grad(params, rest, batch, idx):
         def f(p):
             model = nnx.merge(graphdef, p, rest)
-            ce, w, correct, count = _losses(model, batch, idx, use_segments, acc_fn)
-            return ce, (w, correct, count)
+            ce, w, correct, count, moe = _losses(model, batch, idx, use_segments, acc_fn)
+            # per-token-weighted sums, so that accumulation over micro-batches and the final / w give means
+            moe = jax.tree.map(lambda v: v * w, moe)
+            objective = ce + moe_aux_weight * _mean_or_zero(moe["aux"]) + moe_z_weight * _mean_or_zero(moe["z"])
+            return objective, (ce, w, correct, count, moe)
         return jax.value_and_grad(f, has_aux=True)(params)
 
     def step(state, batch, idx):
         params, rest = state["params"], state["rest"]
         if accum == 1:
-            (ce, (w, correct, count)), grads = loss_and_grad(params, rest, batch, idx)
+            (obj, (ce, w, correct, count, moe)), grads = loss_and_grad(params, rest, batch, idx)
         else:
             split = lambda x: None if x is None else x.reshape(accum, x.shape[0] // accum, *x.shape[1:])
             micro = jax.tree.map(split, batch)
@@ -195,28 +228,33 @@ def make_train_step(graphdef, tx, *, accum: int, use_segments: bool, acc_fn, mes
 
             def body(carry, xs):
                 mb, mi = xs
-                (ce, (w, c, n)), g = loss_and_grad(params, rest, mb, mi)
-                acc = jax.tree.map(jnp.add, carry, (g, ce, w, c, n))
+                (o, (ce, w, c, n, m)), g = loss_and_grad(params, rest, mb, mi)
+                acc = jax.tree.map(jnp.add, carry, (g, o, ce, w, c, n, m))
                 return acc, None
 
-            zeros = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0), jnp.float32(0), jnp.int32(0),
-                     jnp.int32(0))
-            (grads, ce, w, correct, count), _ = jax.lax.scan(body, zeros, (micro, micro_idx))
+            zeros = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0), jnp.float32(0), jnp.float32(0),
+                     jnp.int32(0), jnp.int32(0), {k: jnp.zeros((n_moe,), jnp.float32) for k in ("aux", "z", "drop")})
+            (grads, obj, ce, w, correct, count, moe), _ = jax.lax.scan(body, zeros, (micro, micro_idx))
         denom = jnp.maximum(w, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         loss = ce / denom
+        objective = obj / denom
+        moe = jax.tree.map(lambda v: v / denom, moe)
         grad_norm = _global_norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = jax.tree.map(lambda p, u: p + u.astype(p.dtype), params, updates)
         # A non-finite loss, gradient, parameter or optimizer moment (e.g. an overflowing step) never enters the
         # state. Elementwise: the norm of a finite update can overflow float32 (|u| ~ 1e20) and the state's own
         # values are what a checkpoint must hold finite.
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite((new_params, opt_state))
+        ok = jnp.isfinite(objective) & jnp.isfinite(grad_norm) & _all_finite((new_params, opt_state))
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
         new_state = dict(state, params=keep(new_params, params), opt_state=keep(opt_state, state["opt_state"]),
                          step=state["step"] + 1)
         metrics = {"loss": loss, "grad_norm": grad_norm, "ok": ok, "correct": correct, "count": count,
                    "tokens": w}
+        if moe["aux"].shape[0]:
+            metrics.update(moe_aux_loss=jnp.mean(moe["aux"]), moe_z_loss=jnp.mean(moe["z"]),
+                           moe_drop_fraction=moe["drop"])
         return new_state, metrics
 
     def wrapped(state, batch, idx):
@@ -231,7 +269,7 @@ def make_eval_step(graphdef, *, use_segments: bool, acc_fn, mesh, state_sharding
     def step(state, batch, idx):
         with parallel.use_rules(mesh):
             model = nnx.merge(graphdef, state["params"], state["rest"])
-            return _losses(model, batch, idx, use_segments, acc_fn)
+            return _losses(model, batch, idx, use_segments, acc_fn)[:4]
 
     return jax.jit(step, in_shardings=(state_shardings, batch_sharding, batch_sharding))
 
@@ -264,6 +302,7 @@ def prepare(cfg: TrainConfig):
     if model_config.max_seq_len is not None and cfg.data.seq_len > model_config.max_seq_len:
         raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max_seq_len="
                          f"{model_config.max_seq_len}")
+    _check_expert_parallel(model_config, mesh)
     train_data = _data(cfg, "train", mesh)  # raises on missing files, unknown tasks, bad task arguments
     run_dir = Path(cfg.logging.run_dir) / run_name(cfg)
     ckpt_dir = run_dir / CHECKPOINT_DIR
@@ -331,9 +370,14 @@ def _init_from(path, model_config, seed: int):
             if getattr(a, f) != getattr(b, f)]
     if len(a.blocks) == len(b.blocks):
         for i, (x, y) in enumerate(zip(a.blocks, b.blocks)):
-            if (x.mixer, x.mlp) != (y.mixer, y.mlp):
-                diff.append(f"layer {i}: checkpoint {x.mixer} (mlp {x.mlp}), config {y.mixer} (mlp {y.mlp})")
+            if (x.mixer, x.mlp, x.moe is None) != (y.mixer, y.mlp, y.moe is None):
+                kind = lambda z: f"{z.mixer} (mlp {z.mlp}{', moe' if z.moe is not None else ''})"
+                diff.append(f"layer {i}: checkpoint {kind(x)}, config {kind(y)}")
                 continue
+            for k in ("num_experts", "top_k", "hidden", "shared_hidden", "scoring", "renormalize", "activation"):
+                u, w = (x.moe or {}).get(k), (y.moe or {}).get(k)
+                if u is not None and w is not None and u != w:
+                    diff.append(f"layer {i} moe {k}: checkpoint {u!r}, config {w!r}")
             defaults = {k: v.default for k, v in inspect.signature(MIXER_CLASSES[x.mixer].__init__).parameters.items()
                         if v.default is not inspect.Parameter.empty}
             for k in sorted(set(x.mixer_kwargs) | set(y.mixer_kwargs)):
@@ -392,9 +436,12 @@ def train(cfg: TrainConfig) -> RunResult:
     batch_sharding = sh.batch_sharding(mesh)
     acc_fn = accuracy_fn(cfg.data.task)
     use_segments = _use_segments(cfg)
+    moe_layers = _moe_layers(p["model_config"])
     train_step = make_train_step(graphdef, tx, accum=o.grad_accum_steps, use_segments=use_segments, acc_fn=acc_fn,
                                  mesh=mesh, in_shardings=shardings, out_shardings=shardings,
-                                 batch_sharding=batch_sharding)
+                                 batch_sharding=batch_sharding, n_moe=len(moe_layers),
+                                 moe_aux_weight=cfg.model.moe_aux_loss_weight,
+                                 moe_z_weight=cfg.model.moe_z_loss_weight)
     eval_step = make_eval_step(graphdef, use_segments=use_segments, acc_fn=acc_fn, mesh=mesh,
                                state_shardings=shardings, batch_sharding=batch_sharding)
 
@@ -429,7 +476,7 @@ def train(cfg: TrainConfig) -> RunResult:
             step += 1
             pending.append((step, m))
             if step % cfg.logging.log_every == 0 or step == cfg.run.steps or periodic(step):
-                last_loss = _flush(pending, writer, progress, schedule, tokens_per_step, cfg)
+                last_loss = _flush(pending, writer, progress, schedule, tokens_per_step, cfg, moe_layers)
                 pending = []
             if cfg.logging.eval_every and step % cfg.logging.eval_every == 0 and step != cfg.run.steps:
                 last_eval = evaluate(cfg, eval_step, state, mesh)
@@ -439,7 +486,7 @@ def train(cfg: TrainConfig) -> RunResult:
             if periodic(step) and step != cfg.run.steps:
                 ckpt.save(step, state=state, data_state=train_data.get_state(), config=config_dict)
         if pending:
-            last_loss = _flush(pending, writer, progress, schedule, tokens_per_step, cfg)
+            last_loss = _flush(pending, writer, progress, schedule, tokens_per_step, cfg, moe_layers)
         if status == "finished":
             last_eval = evaluate(cfg, eval_step, state, mesh)
             writer.write(step, "eval", last_eval)
@@ -464,7 +511,18 @@ def train(cfg: TrainConfig) -> RunResult:
     return result
 
 
-def _flush(pending, writer, progress, schedule, tokens_per_step, cfg) -> float | None:
+def _moe_metrics(m: dict, moe_layers: list[int]) -> dict:
+    """The MoE terms of one step's metrics: mean load-balancing and z-loss over the MoE layers, the drop fraction
+    (mean, and per layer as `moe_drop_fraction/block{i}`)."""
+    if "moe_drop_fraction" not in m:
+        return {}
+    drops = [float(v) for v in np.asarray(m["moe_drop_fraction"])]
+    return {"moe_aux_loss": float(m["moe_aux_loss"]), "moe_z_loss": float(m["moe_z_loss"]),
+            "moe_drop_fraction": float(np.mean(drops)),
+            **{f"moe_drop_fraction/block{i}": d for i, d in zip(moe_layers, drops)}}
+
+
+def _flush(pending, writer, progress, schedule, tokens_per_step, cfg, moe_layers=()) -> float | None:
     """Pull the queued step metrics to the host, log them, and apply the non-finite policy."""
     host = jax.device_get([m for _, m in pending])
     loss = None
@@ -474,7 +532,7 @@ def _flush(pending, writer, progress, schedule, tokens_per_step, cfg) -> float |
         acc = float(m["correct"]) / max(float(m["count"]), 1.0)
         writer.write(step, "train", {"loss": loss, "accuracy": acc, "grad_norm": float(m["grad_norm"]),
                                      "lr": float(schedule(step - 1)), "skipped": not bool(m["ok"]),
-                                     **progress.rates()})  # the failing step too, before a stop
+                                     **_moe_metrics(m, moe_layers), **progress.rates()})  # the failing step too
         if not bool(m["ok"]):
             if cfg.run.nonfinite == "stop":
                 raise NonFiniteLoss(f"non-finite loss, gradient or update at step {step} (loss {loss}, grad norm "

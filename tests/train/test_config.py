@@ -14,7 +14,7 @@ from seqmix_jax.train.config import (DataSection, MeshSection, ModelSection, Opt
                                      apply_overrides, from_dict, load_config, run_name, to_dict)
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
-PRESETS = ("tiny", "mamba_130m", "llama", "striped_hyena", "mamba2_attn")
+PRESETS = ("tiny", "mamba_130m", "llama", "striped_hyena", "mamba2_attn", "jamba_tiny")
 
 
 def preset(name: str, *overrides: str) -> TrainConfig:
@@ -70,6 +70,14 @@ def test_tiny_is_the_default_job():
     assert cfg.data.vocab_size == mc.vocab_size and cfg.data.batch_size == 32
 
 
+def test_jamba_tiny_is_a_moe_hybrid():
+    mc = preset("jamba_tiny").model.to_model_config()
+    assert [b.mixer for b in mc.blocks] == ["mamba", "mamba", "attention", "mamba"]
+    assert [b.mlp for b in mc.blocks] == [True, False, True, False]
+    assert [b.moe is not None for b in mc.blocks] == [False, True, False, True]
+    assert mc.blocks[1].moe["num_experts"] == 4 and mc.blocks[1].moe["renormalize"] is False
+
+
 def test_mamba_130m_shape():
     from flax import nnx
 
@@ -109,6 +117,7 @@ SCALED = {
     "striped_hyena": ["model.pattern=SA"],
     "mamba2_attn": ["model.pattern=2A", "model.mixer_kwargs.mamba2.headdim=16", "model.mixer_kwargs.mamba2.d_state=8",
                     "model.mixer_kwargs.attention.rotary_dim=2"],
+    "jamba_tiny": ["model.pattern=MA", "model.mlp=1E", "data.num_kv_pairs=4"],
 }
 
 
