@@ -5,7 +5,9 @@ per-token float64 loops; the capacity rule vs a hand-built routing whose overflo
 loop on random routing; capacity == dropless when nothing can drop; dropless drops nothing on fully skewed
 routing; statistics vs their formulas; padding tokens (token_mask) == the same call without them; gradients of
 every path (input, router, experts, through the output and the auxiliary losses) equal; bfloat16; every
-ValueError.
+ValueError. The dropless path's two grouped matmuls ("ragged_dot" and "blocked", both run on CPU) vs float64 and
+the reference path, in outputs and gradients, with empty experts, every token on one expert, groups spanning
+several blocks, padding tokens, a non-SiLU activation and bfloat16; which one "auto" picks per backend.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from seqmix_jax.ops.moe import Routing, expert_capacity, moe_ffn, moe_ffn_reference, route
-from tests.helpers import assert_close
+from seqmix_jax.ops.moe import (Routing, block_rows_for, dropless_ffn, expert_capacity, moe_ffn, moe_ffn_reference,
+                                resolve_grouped_impl, route)
+from tests.helpers import assert_close, rel_err
 
 OUT_TOL, GRAD_TOL = 1e-5, 1e-4
 T, D, E, F, K = 37, 13, 7, 11, 2  # distinct primes-ish: a transposed axis cannot pass
@@ -290,6 +293,151 @@ def test_reference_function_is_the_reference_dispatch(rng):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+# --- the dropless path's grouped matmuls: ragged_dot and blocked ----------------------------------------------------
+
+GROUPED = ("ragged_dot", "blocked")
+
+
+def hand_routing(rng, experts, t=T, e=E):
+    """A Routing with the given (t, k) expert choices and random positive combine weights."""
+    logits = rng.normal(size=(t, e)).astype(np.float32)
+    weights = rng.uniform(0.2, 1.0, size=experts.shape).astype(np.float32)
+    return Routing(jnp.asarray(logits), jax.nn.softmax(jnp.asarray(logits)), jnp.asarray(weights),
+                   jnp.asarray(experts, jnp.int32))
+
+
+def dropless_value_and_grads(impl, x, routing, wi, wo, mask, ct, activation="silu", block_rows=None):
+    """y and d sum(y * ct) / d (x, combine weights, wi, wo) of `dropless_ffn` (impl) or the reference path."""
+    t, k = routing.experts.shape
+
+    def loss(x, w, wi, wo):
+        if impl == "reference":
+            y, _ = moe_ffn_reference(x, routing._replace(weights=w), wi, wo, activation=activation,
+                                     token_mask=jnp.asarray(mask))
+        else:
+            valid = jnp.broadcast_to(jnp.asarray(mask)[:, None], (t, k))
+            y = dropless_ffn(x, w, routing.experts, valid, wi, wo, activation, grouped_impl=impl,
+                             block_rows=block_rows)
+        return jnp.sum(y.astype(jnp.float32) * ct), y
+
+    (_, y), g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(x, routing.weights, wi, wo)
+    return y, g
+
+
+def _one_expert(rng, t, k):  # every token on the last expert (k = 1), the searchsorted edge
+    return np.full((t, k), E - 1)
+
+
+def _two_experts(rng, t, k):  # experts 0, 2, 3, 5, 6 empty; 1 and 4 take every token
+    return np.where(rng.uniform(size=(t, 1)) < 0.5, [[1, 4]], [[4, 1]])
+
+
+def _random(rng, t, k):
+    return np.argsort(rng.uniform(size=(t, E)), axis=1)[:, :k]
+
+
+@pytest.mark.parametrize("choose,k,masked,block_rows", [
+    pytest.param(_random, 2, True, 4, id="random-masked-B4"),  # groups span several blocks, partial last block
+    pytest.param(_two_experts, 2, False, None, id="empty-experts"),
+    pytest.param(_one_expert, 1, True, 8, id="one-expert-B8"),
+    pytest.param(_random, 3, False, 1, id="random-k3-B1", marks=pytest.mark.slow),
+    pytest.param(_random, 2, False, 128, id="random-B128", marks=pytest.mark.slow),  # one block per expert
+])
+def test_grouped_impls_vs_numpy_and_reference(rng, choose, k, masked, block_rows):
+    x, _, wi, wo = make(rng)
+    experts = choose(rng, T, k)
+    routing = hand_routing(rng, experts)
+    mask = rng.uniform(size=T) < 0.7 if masked else np.ones(T, bool)
+    ct = rng.normal(size=(T, D)).astype(np.float32)
+    want = np_moe(x, np.asarray(routing.weights), experts, wi, wo, np.broadcast_to(mask[:, None], experts.shape))
+    _, g_ref = dropless_value_and_grads("reference", x, routing, wi, wo, mask, ct)
+    got = {}
+    for impl in GROUPED:
+        y, g = got[impl] = dropless_value_and_grads(impl, x, routing, wi, wo, mask, ct, block_rows=block_rows)
+        assert y.dtype == jnp.float32
+        assert_close(f"{impl} y", y, want, OUT_TOL)
+        assert np.abs(np.asarray(y)[~mask]).max(initial=0.0) == 0.0
+        for name, a, b in zip(("x", "weights", "wi", "wo"), g, g_ref):
+            assert_close(f"{impl} d{name}", a, b, GRAD_TOL)
+        np.testing.assert_array_equal(np.asarray(g[1])[~mask], 0.0)  # padding tokens get no gradient
+    for name, a, b in zip(("y", "dx", "dweights", "dwi", "dwo"), (got["blocked"][0], *got["blocked"][1]),
+                          (got["ragged_dot"][0], *got["ragged_dot"][1])):
+        assert_close(f"blocked vs ragged_dot {name}", a, b, GRAD_TOL if name != "y" else OUT_TOL)
+    unused = np.setdiff1d(np.arange(E), experts[mask])
+    for impl in GROUPED:  # an expert nothing reaches gets exactly zero gradient
+        np.testing.assert_array_equal(np.asarray(got[impl][1][2])[unused], 0.0)
+        np.testing.assert_array_equal(np.asarray(got[impl][1][3])[unused], 0.0)
+
+
+def test_grouped_impls_gelu_and_all_masked(rng):
+    """Another activation (its derivative comes from jax.vjp in the blocked backward), and a batch with no valid
+    token (no block runs: y and every gradient 0)."""
+    x, _, wi, wo = make(rng)
+    routing = hand_routing(rng, _random(rng, T, K))
+    ct = rng.normal(size=(T, D)).astype(np.float32)
+    for mask in (rng.uniform(size=T) < 0.8, np.zeros(T, bool)):
+        y_ref, g_ref = dropless_value_and_grads("reference", x, routing, wi, wo, mask, ct, "gelu_tanh")
+        for impl in GROUPED:
+            y, g = dropless_value_and_grads(impl, x, routing, wi, wo, mask, ct, "gelu_tanh", block_rows=8)
+            if not mask.any():
+                assert not np.asarray(y).any() and not any(np.asarray(a).any() for a in g)
+                continue
+            assert_close(f"gelu_tanh {impl} y", y, y_ref, OUT_TOL)
+            for name, a, b in zip(("x", "weights", "wi", "wo"), g, g_ref):
+                assert_close(f"gelu_tanh {impl} d{name}", a, b, GRAD_TOL)
+
+
+def test_grouped_impls_bfloat16(rng):
+    """bf16 tokens and experts: each grouped matmul within 2x the error of the plain bf16 computation (the dense
+    reference in bf16) of the float32 result on the same bf16-rounded values, outputs and gradients."""
+    x, _, wi, wo = (jnp.asarray(a).astype(jnp.bfloat16) for a in make(rng))
+    routing = hand_routing(rng, _random(rng, T, K))
+    mask = rng.uniform(size=T) < 0.8
+    ct = rng.normal(size=(T, D)).astype(np.float32)
+    f32 = [a.astype(jnp.float32) for a in (x, wi, wo)]
+    y_want, g_want = dropless_value_and_grads("reference", f32[0], routing, *f32[1:], mask, ct)
+    y_bf, g_bf = dropless_value_and_grads("reference", x, routing, wi, wo, mask, ct)
+    for impl in GROUPED:
+        y, g = dropless_value_and_grads(impl, x, routing, wi, wo, mask, ct, block_rows=8)
+        assert [a.dtype for a in g] == [jnp.bfloat16, jnp.float32, jnp.bfloat16, jnp.bfloat16]
+        for name, a, b, plain in zip(("y", "dx", "dweights", "dwi", "dwo"), (y, *g), (y_want, *g_want),
+                                     (y_bf, *g_bf)):
+            bound = 2 * max(rel_err(plain, b)[0], 2.0 ** -9)
+            assert_close(f"bf16 {impl} {name}", a, b, bound)
+
+
+def test_grouped_impl_auto_and_block_rows(monkeypatch):
+    if jax.default_backend() == "cpu":  # the dense ragged_dot fallback is avoided where the tests run
+        assert resolve_grouped_impl("auto") == "blocked"
+    for backend, impl in [("cpu", "blocked"), ("gpu", "ragged_dot"), ("cuda", "ragged_dot"), ("rocm", "ragged_dot"),
+                          ("tpu", "ragged_dot")]:
+        monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+        assert resolve_grouped_impl("auto") == impl
+        assert resolve_grouped_impl("blocked") == "blocked" and resolve_grouped_impl("ragged_dot") == "ragged_dot"
+    # B: the power of two >= the mean group size n / e, clipped to [8, 128].
+    assert [block_rows_for(n, e) for n, e in [(74, 7), (4096, 64), (8192, 64), (8192, 8), (1, 64), (0, 3)]] == \
+        [16, 64, 128, 128, 8, 8]
+
+
+def test_block_count_bound(rng):
+    """The static number of blocks, (n + min(e, n) (B - 1)) // B, is never below sum_i ceil(g_i / B) (a cheap
+    check of the inequality the blocked path relies on) and is reached by the worst case."""
+    for _ in range(2000):
+        e, b = int(rng.integers(1, 20)), int(rng.integers(1, 40))
+        n = int(rng.integers(0, 200))
+        g = np.bincount(rng.integers(0, e, size=n) if rng.uniform() < 0.5 else np.zeros(n, int), minlength=e)
+        assert np.sum(-(-g // b)) <= (n + min(e, n) * (b - 1)) // b
+    assert np.sum(-(-np.array([1] * 6 + [94]) // 8)) == (100 + 7 * 7) // 8  # six singletons and one big group
+
+
+def test_moe_ffn_dropless_is_the_auto_grouped_path(rng):
+    x, wr, wi, wo = make(rng)
+    r, y, _ = run(x, wr, wi, wo, dispatch="dropless")
+    y_auto = jax.jit(lambda x, r: dropless_ffn(x, r.weights, r.experts, jnp.ones((T, K), bool), wi, wo, "silu",
+                                               grouped_impl=resolve_grouped_impl("auto")))(x, r)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_auto.astype(y.dtype)))
+
+
 # --- errors ---------------------------------------------------------------------------------------------------------
 
 def test_errors(rng):
@@ -338,3 +486,10 @@ def test_errors(rng):
         moe_ffn(x, r, wi, wo, activation="relu")
     with pytest.raises(ValueError, match=r"x must be float32, bfloat16, float16 or float64, got dtype int32"):
         moe_ffn(x.astype(jnp.int32), r, wi, wo)
+    valid = jnp.ones((T, K), bool)
+    with pytest.raises(ValueError, match=r"grouped_impl must be one of \('auto', 'ragged_dot', 'blocked'\), "
+                                         r"got 'megablox'"):
+        dropless_ffn(x, r.weights, r.experts, valid, wi, wo, "silu", grouped_impl="megablox")
+    for bad in (0, -8, 4.0):
+        with pytest.raises(ValueError, match=rf"block_rows must be a positive int, got {bad!r}"):
+            dropless_ffn(x, r.weights, r.experts, valid, wi, wo, "silu", grouped_impl="blocked", block_rows=bad)
