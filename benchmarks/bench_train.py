@@ -36,6 +36,9 @@ Batches: random tokens (b, l + 1) -> inputs (b, l), next-token targets (b, l), w
    device), `commit` = from the start of `save` until `wait()` returns (written and committed), `restore` =
    `Checkpointer.restore(abstract_state)` (reads, places, verifies checksums). One untimed warm-up save + restore,
    then n repeats (a new step each) in a temporary directory; medians.
+4. The machine's float32 matmul rate, jit'd jnp.matmul and torch.matmul round-robin, on the Llama step's weight-matmul
+   shapes and a 2048^3 one; with the step's analytic FLOP count (and XLA's cost analysis of our compiled step) this
+   gives the fastest any implementation could run the step here, hence the largest ratio over torch possible.
 
     python benchmarks/bench_train.py [--quick] [-n 5] [--shape BxL] [--torch-threads N] [--out benchmarks/results/train.json]
 
@@ -207,8 +210,9 @@ def measure_vs_torch(kind, b, l, n, tmp):
     bare = bare_step(graphdef, tx, mesh, shardings)
 
     t0 = time.perf_counter()
-    step.lower(state, gbatch, None).compile()
+    compiled = step.lower(state, gbatch, None).compile()
     compile_s = time.perf_counter() - t0
+    xla_flops = _xla_flops(compiled)
     t0 = time.perf_counter()
     bare.lower(bare_state["params"], bare_state["rest"], bare_state["opt_state"], gbatch).compile()
     bare_compile_s = time.perf_counter() - t0
@@ -244,7 +248,7 @@ def measure_vs_torch(kind, b, l, n, tmp):
            "tokens_per_step": b * l, "n_params": n_params, "torch_n_params": torch_params,
            "ours_compile_s": compile_s, "ours_first_call_s": first_call_s, "bare_compile_s": bare_compile_s,
            "ours_step_s": t["ours"], "bare_step_s": t["ours bare"], "torch_step_s": t["torch"],
-           "shard_batch_s": shard["median_s"],
+           "shard_batch_s": shard["median_s"], "xla_flops_per_step": xla_flops,
            "ours_tok_s": b * l / t["ours"], "bare_tok_s": b * l / t["ours bare"], "torch_tok_s": b * l / t["torch"],
            "ours_losses": ours_losses, "torch_losses": torch_losses,
            "loss1_rel_err": abs(ours_losses[0] - torch_losses[0]) / abs(torch_losses[0]),
@@ -258,6 +262,55 @@ def measure_vs_torch(kind, b, l, n, tmp):
           f"{H.fmt_s(t['ours bare'])} (trainer/bare {row['overhead']:.2f}x); compile {H.fmt_s(compile_s)}, "
           f"first call {H.fmt_s(first_call_s)}; losses ours {ours_losses} torch {torch_losses}", flush=True)
     return row, (holder["state"], mesh)
+
+
+def _xla_flops(compiled):
+    """XLA's own count of the floating-point operations of one compiled step (None where not reported)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 -- a diagnostic: some backends / versions do not implement it
+        return None
+    cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+    flops = (cost or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
+# --- 4. the machine's matmul rate: how fast any step of a given FLOP count can be ----------------------------------
+
+def llama_flops(b, l):
+    """Analytic float32 FLOPs of one Llama training step (forward + backward = 3x forward): 2 per multiply-add of
+    every weight matmul on every token, plus the two (l x l) attention matmuls per layer and head dimension,
+    counted in full (no causal skipping) -- elementwise work (norms, RoPE, softmax, AdamW) is left out."""
+    f = 688
+    per_token = LAYERS * (4 * D_MODEL * D_MODEL + 3 * D_MODEL * f) + D_MODEL * VOCAB
+    fwd = 2 * per_token * b * l + LAYERS * 2 * 2 * b * l * l * D_MODEL
+    return 3 * fwd
+
+
+def measure_matmul_rate(b, l, n):
+    """GFLOP/s of jnp.matmul (jit) and torch.matmul on this machine for the step's weight-matmul shapes and a
+    large square one, timed round-robin. The best of them bounds how fast any implementation can run a step."""
+    import torch
+
+    f, t = 688, b * l
+    shapes = [(t, D_MODEL, f), (t, f, D_MODEL), (t, D_MODEL, D_MODEL), (t, D_MODEL, VOCAB), (2048, 2048, 2048)]
+    rows = []
+    for m, k, nn in shapes:
+        rng = np.random.default_rng(0)
+        a, w = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, nn), np.float32)
+        ja, jw = jnp.asarray(a), jnp.asarray(w)
+        ta, tw = torch.from_numpy(a), torch.from_numpy(w)
+        mm = jax.jit(jnp.matmul)
+        runs = H.bench_group([H.spec("jax", lambda: mm(ja, jw), jit=False),
+                              H.spec("torch", lambda: torch.matmul(ta, tw), jit=False)], n=max(n, 5), warmup=2)
+        flops = 2 * m * k * nn
+        rows.append({"shape": f"{m}x{k} @ {k}x{nn}", "flops": flops,
+                     **{f"{r['name']}_gflops": flops / r["median_s"] / 1e9 for r in runs}})
+    best = max(max(r["jax_gflops"], r["torch_gflops"]) for r in rows)
+    print("  matmul GFLOP/s: " + "; ".join(f"{r['shape']} jax {r['jax_gflops']:.0f} torch {r['torch_gflops']:.0f}"
+                                           for r in rows), flush=True)
+    return {"kind": "floor", "name": "matmul rate", "matmuls": rows, "best_gflops": best,
+            "llama_flops_per_step": llama_flops(b, l), "batch": b, "seq": l}
 
 
 # --- 2. 1 vs 8 devices (subprocess workers) ------------------------------------------------------------------------------
@@ -277,8 +330,9 @@ def worker(n_devices, b, l, n):
     gbatch = sh.shard_batch(batch, mesh, b)
     step = trainer_step(graphdef, tx, mesh, shardings)
     t0 = time.perf_counter()
-    step.lower(state, gbatch, None).compile()
+    compiled = step.lower(state, gbatch, None).compile()
     compile_s = time.perf_counter() - t0
+    xla_flops = _xla_flops(compiled)
     losses = []
     for _ in range(2):
         state, m = step(state, gbatch, None)
@@ -408,6 +462,8 @@ def main():
         for kind in ("mamba", "llama"):
             row, (state, mesh) = measure_vs_torch(kind, b, l, n, tmp)
             rows.append(row)
+    print("4. the machine's matmul rate (jax and torch)", flush=True)
+    rows.append(measure_matmul_rate(b, l, n))
     print("3. checkpoint save / restore (Llama train state)", flush=True)
     rows.append(measure_checkpoint(state, mesh, n))
     del state
@@ -425,6 +481,7 @@ def report(rows, meta=None):
     thr = [r for r in rows if r.get("kind") == "throughput"]
     dev = [r for r in rows if r.get("kind") == "devices"]
     ckpt = [r for r in rows if r.get("kind") == "checkpoint"]
+    floor = [r for r in rows if r.get("kind") == "floor"]
     out = []
     if thr:
         cols = [("model", "model", None), ("batch x seq", lambda r: f"{r['batch']} x {r['seq']}", None),
@@ -441,6 +498,25 @@ def report(rows, meta=None):
                        "device; `ours bare` the same model, loss and optimizer without the trainer's metrics and "
                        "non-finite guard (diagnostic). shard_batch per step: "
                        + ", ".join(f"{r['model']} {H.fmt_s(r['shard_batch_s'])}" for r in thr) + ".")
+    if floor:
+        fl = floor[0]
+        cols = [("matmul", "shape", None), ("jax GFLOP/s", "jax_gflops", lambda v: f"{v:.0f}"),
+                ("torch GFLOP/s", "torch_gflops", lambda v: f"{v:.0f}")]
+        text = ("The machine's float32 matmul rate (jit'd jnp.matmul vs torch.matmul, round-robin medians): the "
+                "weight-matmul shapes of the Llama step and a large square one.\n\n" + H.Table(cols).render(fl["matmuls"]))
+        llama = [r for r in thr if r["model"] == "llama" and r["batch"] == fl["batch"] and r["seq"] == fl["seq"]]
+        if llama:
+            r = llama[0]
+            floor_s = fl["llama_flops_per_step"] / (fl["best_gflops"] * 1e9)
+            xla = (f" (XLA's cost analysis of our compiled step: {r['xla_flops_per_step'] / 1e9:.1f} GFLOP)"
+                   if r.get("xla_flops_per_step") else "")
+            text += (f"\n\nOne Llama training step at {r['batch']} x {r['seq']} is "
+                     f"{fl['llama_flops_per_step'] / 1e9:.1f} GFLOP of matmuls (forward + backward, analytic){xla}. "
+                     f"At the best matmul rate measured above ({fl['best_gflops']:.0f} GFLOP/s) that is at least "
+                     f"{H.fmt_s(floor_s)} per step, so no implementation on this machine can beat torch's "
+                     f"{H.fmt_s(r['torch_step_s'])} by more than {r['torch_step_s'] / floor_s:.2f}x "
+                     f"(ours: {H.fmt_s(r['ours_step_s'])}, {r['ratio']:.2f}x).")
+        out.append(text)
     if dev:
         cols = [("devices", "devices", None),
                 ("mesh", lambda r: " ".join(f"{k}={v}" for k, v in (r.get("mesh") or {}).items() if v > 1) or "-",
