@@ -35,10 +35,12 @@ def torch():
 def mamba_ssm():
     """Import mamba_ssm's pure-torch references without its CUDA extension.
 
-    transformers' Mamba modules are imported first: once the `selective_scan_cuda` stub is in sys.modules,
-    transformers would pick the (stubbed) CUDA path."""
+    transformers' Mamba, Mamba-2 and Jamba modules are imported first: they pick mamba_ssm's functions when it
+    imports (at their own import), and once the `selective_scan_cuda` stub is in sys.modules it does, so they
+    would run the (stubbed) CUDA path."""
     require("transformers.models.mamba.modeling_mamba")
     require("transformers.models.mamba2.modeling_mamba2")
+    require("transformers.models.jamba.modeling_jamba")
     sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
     return require("mamba_ssm")
 
