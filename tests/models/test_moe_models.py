@@ -179,7 +179,7 @@ def test_moe_block_math_restated(kind):
 
 # ------------------------------------------------------------------ decoding, packing, generation
 
-@pytest.mark.parametrize("kind", ["mixtral", "jamba"])
+@pytest.mark.parametrize("kind", [pytest.param("mixtral", marks=pytest.mark.slow), "jamba"])
 def test_decoding_and_packing_equal_the_full_forward(kind):
     """Incremental decoding (prefill + steps) == the full forward; packed documents == each document alone; padding
     (segment 0) is routed nowhere. One forward shape (2, 14) throughout, so it compiles once."""

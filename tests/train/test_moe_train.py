@@ -127,7 +127,7 @@ def test_objective_gradient_and_metrics(rng, accum):
         zl = sum(z * w for _, w, _, z in parts) / wsum
         return ce + aux_w * lb + z_w * zl, (ce, lb, zl)
 
-    (obj, (ce, lb, zl)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
+    (obj, (ce, lb, zl)), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(state["params"])
     placed = jax.device_put(jax.tree.map(jnp.copy, state), shardings)  # donated: a copy
     new_state, metrics = step(placed, sh.shard_batch(batch, mesh, 8), None)
     got = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), params0, new_state["params"])
@@ -141,7 +141,7 @@ def test_objective_gradient_and_metrics(rng, accum):
                  np.concatenate([e.ravel() for e in flat_e]), 1e-4)
     assert np.asarray(metrics["moe_drop_fraction"]).shape == (2,)
     # the comparison above could fail: the MoE terms' share of the gradient is far above its tolerance
-    aux_grads = jax.grad(lambda p: (lambda o: aux_w * o[1][1] + z_w * o[1][2])(objective(p)))(state["params"])
+    aux_grads = jax.jit(jax.grad(lambda p: (lambda o: aux_w * o[1][1] + z_w * o[1][2])(objective(p))))(state["params"])
     share = max(float(np.abs(g).max()) for g in jax.tree.leaves(aux_grads))
     total = max(float(np.abs(np.asarray(g)).max()) for g in flat_e)
     print(f"max |grad of the MoE terms| {share:.3e}, max |grad| {total:.3e}")
