@@ -166,9 +166,8 @@ def _losses(model: LM, batch: dict, idx, use_segments: bool, acc_fn):
     seg = batch["segment_ids"] if use_segments else None
     logits = model(batch["inputs"], segment_ids=seg, logits_at=idx)
     stats = pop_moe_stats(model)
-    moe = {"aux": jnp.stack([s.load_balance_loss for s in stats]) if stats else jnp.zeros((0,), jnp.float32),
-           "z": jnp.stack([s.z_loss for s in stats]) if stats else jnp.zeros((0,), jnp.float32),
-           "drop": jnp.stack([s.drop_fraction for s in stats]) if stats else jnp.zeros((0,), jnp.float32)}
+    moe = {k: jnp.stack([getattr(s, field) for s in stats]) if stats else jnp.zeros((0,), jnp.float32)
+           for k, field in _MOE_TERMS.items()}
     vocab = model.config.vocab_size
     logits = logits[..., :vocab]  # padded vocabulary rows are never targets
     targets, weights = _gather(batch["targets"], idx), _gather(batch["weights"], idx)
@@ -192,6 +191,9 @@ def _check_expert_parallel(model_config, mesh) -> None:
 def _moe_layers(model_config) -> list[int]:
     """Indices of the blocks whose channel mixer is a mixture of experts."""
     return [i for i, b in enumerate(model_config.blocks) if b.moe is not None]
+
+
+_MOE_TERMS = {"aux": "load_balance_loss", "z": "z_loss", "drop": "drop_fraction"}  # metric key -> MoEStats field
 
 
 def _mean_or_zero(x):
@@ -233,7 +235,7 @@ def make_train_step(graphdef, tx, *, accum: int, use_segments: bool, acc_fn, mes
                 return acc, None
 
             zeros = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0), jnp.float32(0), jnp.float32(0),
-                     jnp.int32(0), jnp.int32(0), {k: jnp.zeros((n_moe,), jnp.float32) for k in ("aux", "z", "drop")})
+                     jnp.int32(0), jnp.int32(0), {k: jnp.zeros((n_moe,), jnp.float32) for k in _MOE_TERMS})
             (grads, obj, ce, w, correct, count, moe), _ = jax.lax.scan(body, zeros, (micro, micro_idx))
         denom = jnp.maximum(w, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)

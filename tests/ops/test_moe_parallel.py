@@ -86,6 +86,16 @@ def test_expert_parallel_equals_single_device(case, sizes, mode, dispatch):
         assert_close(f"{name} d{pname}", a, b, GRAD_TOL)
 
 
+def _skewed(seed):
+    """Inputs whose router sends every token's first choice to expert 0 and its second to expert 1."""
+    x, wr, wi, wo = make(np.random.default_rng(seed), t=T, d=D, e=E, f=F)
+    x[:, 0] = np.abs(x[:, 0]) + 1.0
+    wr[:] = 0.0
+    wr[0, 0], wr[0, 1] = 20.0, 10.0
+    _, _, w, experts = np_route(x, wr, K)
+    return x, wr, wi, wo, w, experts
+
+
 @pytest.mark.parametrize("mode", ["all_to_all", "all_gather"])
 def test_expert_parallel_drops(mode):
     """Every token picks (expert 0, expert 1). data=2 x expert=4: 8 token shards of t_loc = 8 rows, each expert
@@ -94,12 +104,7 @@ def test_expert_parallel_drops(mode):
                   keep both choices;
       all_gather: c = ceil(32 * 2 / 8 * 1.0) = 8 slots per expert and group: the first 8 tokens of each group do.
     Either way 96 of the 128 pairs drop."""
-    rng = np.random.default_rng(1)
-    x, wr, wi, wo = make(rng, t=T, d=D, e=E, f=F)
-    x[:, 0] = np.abs(x[:, 0]) + 1.0
-    wr[:] = 0.0
-    wr[0, 0], wr[0, 1] = 20.0, 10.0
-    _, _, w, experts = np_route(x, wr, K)
+    x, wr, wi, wo, w, experts = _skewed(1)
     assert (experts == [0, 1]).all()
     mesh = mesh_of(data=2, expert=4)
     keep = np.zeros((T, K), bool)
@@ -121,12 +126,7 @@ def test_expert_parallel_drops(mode):
 
 
 def test_expert_parallel_dropless_on_skewed_routing():
-    rng = np.random.default_rng(2)
-    x, wr, wi, wo = make(rng, t=T, d=D, e=E, f=F)
-    x[:, 0] = np.abs(x[:, 0]) + 1.0
-    wr[:] = 0.0
-    wr[0, 0], wr[0, 1] = 20.0, 10.0
-    _, _, w, experts = np_route(x, wr, K)
+    x, wr, wi, wo, w, experts = _skewed(2)
     mesh = mesh_of(data=2, expert=4)
     want = np_moe(x, w, experts, wi, wo)
     for mode in ("all_to_all", "all_gather"):
