@@ -43,7 +43,7 @@ def resolve_impl(op: str, impl: str, allowed: tuple[str, ...], **call) -> str:
         return "pallas"
     if impl != "auto":
         return impl
-    if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu"):
+    if "pallas" in allowed and jax.default_backend() in ("gpu", "cuda", "rocm", "tpu"):
         reason = _pallas_unavailable(op, **call)
         if reason is None:
             return "pallas"
