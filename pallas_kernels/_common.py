@@ -56,11 +56,12 @@ def interpret_arg(variant: str, interpret: bool):
 
 def compiler_params(variant: str, *, num_warps: int | None = None, num_stages: int | None = None,
                     dimension_semantics: tuple[str, ...] | None = None):
-    """Backend compiler parameters; None when there is nothing to set."""
+    """Backend compiler parameters (Triton's for "gpu"; for "tpu", None when there is nothing to set)."""
     if variant == "gpu":
         from jax.experimental.pallas import triton as pltr
+        # Always Triton's parameters: with none, jax >= 0.10 lowers a GPU pallas_call through Mosaic GPU instead.
         kw = {k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None}
-        return pltr.CompilerParams(**kw) if kw else None
+        return pltr.CompilerParams(**kw)
     from jax.experimental.pallas import tpu as pltpu
     return pltpu.CompilerParams(dimension_semantics=dimension_semantics) if dimension_semantics else None
 

@@ -18,6 +18,9 @@ flash-attn packed convention), so a packer gives every document its own id.
 `reference` materializes the (b, h, l, s) scores. `xla` is blockwise with an online softmax (FlashAttention-2,
 below): O(l * block) memory in the forward and the backward, key blocks that the causal / window rule masks
 entirely are never visited. Its gradient is a `jax.custom_vjp` (reverse mode only; `jax.jvp` is not supported).
+`pallas` runs `pallas_kernels.flash_attention`: the same FlashAttention-2 algorithm as Pallas kernels (Triton on
+GPU, Mosaic on TPU, interpret mode on CPU) with Pallas dK/dV and dQ backward kernels; it pads any l, s and head
+dims 16..256 inside, and takes an int q_offset only (a (b,) offset array makes "auto" fall back to xla).
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from pallas_kernels import flash_attention as fa
 from seqmix_jax.ops import _checks as ck
-from seqmix_jax.ops.dispatch import Impl, resolve_impl
+from seqmix_jax.ops.dispatch import Impl, register_pallas, resolve_impl
 
 NEG_INF = -1e30  # finite, so fully masked rows give exp(-inf - -inf) = nan nowhere
 
@@ -52,16 +56,20 @@ def attention(q: Float[Array, "b l h k"], k: Float[Array, "b s g k"], v: Float[A
       softcap: logit soft-cap c > 0: scores -> c * tanh(scores / c).
       scale: score scale, default 1 / sqrt(k).
       q_offset: position of the first query (int, or (b,) ints); default s - l.
-      impl: "auto", "reference" (materialized scores) or "xla" (blockwise, online softmax).
+      impl: "auto", "reference" (materialized scores), "xla" (blockwise, online softmax) or "pallas" (the
+        FlashAttention-2 kernels of `pallas_kernels.flash_attention`; needs an int q_offset, head dim 16..256).
 
     Returns:
       (b, l, h, k) in q.dtype.
     """
     q_seg, kv_seg, q_offset, scale = _check_attention_args(q, k, v, causal, segment_ids, window, softcap, scale,
                                                             q_offset)
-    path = resolve_impl("attention", impl, ("reference", "xla", "pallas"), q=q, k=k, v=v)
+    path = resolve_impl("attention", impl, ("reference", "xla", "pallas"), q=q, k=k, v=v, causal=causal,
+                        q_segment_ids=q_seg, kv_segment_ids=kv_seg, window=window, softcap=softcap, scale=scale,
+                        q_offset=q_offset)
     if path == "pallas":
-        raise AssertionError("attention has no 'pallas' branch")
+        return fa.flash_attention(q, k, v, causal=causal, segment_ids=None if q_seg is None else (q_seg, kv_seg),
+                                  window=window, softcap=softcap, scale=scale, q_offset=q_offset).astype(q.dtype)
     if path == "xla":
         block_q, block_k = _block_sizes(q.shape[0] * q.shape[2], jax.default_backend())
         return _attention_blockwise(q, k, v, causal, q_seg, kv_seg, window, softcap, scale, q_offset, block_q,
@@ -489,3 +497,15 @@ def _check_attention_args(q, k, v, causal, segment_ids, window, softcap, scale, 
         ck.check_shape("q_segment_ids", q_seg, (b, l), "(b, l)")
         ck.check_shape("kv_segment_ids", kv_seg, (b, s), "(b, s)")
     return q_seg, kv_seg, q_offset, float(scale)
+
+
+def _pallas_supports(q, k, v, *, causal=True, q_segment_ids=None, kv_segment_ids=None, window=None, softcap=None,
+                     scale=None, q_offset=None) -> str | None:
+    """The dispatcher's question for `attention` (validated arguments; attention_decode passes q, k, v only and
+    lists no pallas path, so its call never reaches the kernel)."""
+    segments = None if q_segment_ids is None else (q_segment_ids, kv_segment_ids)
+    return fa.supports(q, k, v, causal=causal, segment_ids=segments, window=window, softcap=softcap, scale=scale,
+                       q_offset=q_offset)
+
+
+register_pallas("attention", _pallas_supports)

@@ -25,7 +25,7 @@ def test_bad_variant_and_compiling_without_the_hardware_raise():
 
 
 def test_compiler_params():
-    assert c.compiler_params("gpu") is None
+    assert ".triton" in type(c.compiler_params("gpu")).__module__  # never None: that would mean Mosaic GPU
     assert c.compiler_params("gpu", num_warps=4, num_stages=2).num_warps == 4
     tpu = c.compiler_params("tpu", dimension_semantics=("parallel", "arbitrary"))
     assert tuple(tpu.dimension_semantics) == ("parallel", "arbitrary")

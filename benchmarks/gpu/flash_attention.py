@@ -1,0 +1,195 @@
+"""GPU check for pallas_kernels.flash_attention: correctness on the device, then timing against the op's xla
+path and cuDNN (jax.nn.dot_product_attention(implementation="cudnn")).
+
+    from benchmarks.gpu.flash_attention import run; rows = run()          # on a GPU (~60-90 s)
+    run(quick=True)                                                        # CPU: tiny shapes, interpret mode
+
+FLOPs (causal halves them): forward 4 * b * h * l^2 * k (two matmuls, 2 FLOPs per multiply-add), backward
+2.5x the forward's (five matmuls); TFLOP/s = FLOPs / time. Issue targets (H100/H200, bf16, head dim 128, causal,
+l = 4k-16k): forward >= 60% of cuDNN's throughput, backward <= 3x the forward's time.
+
+Besides the default backward (separate dK/dV and dQ kernels, dS kept float32 -> TF32 dots), the rows tagged
+"bwd=..." time the BlockSizes options at l = 8192 (fused: dQ by atomic adds, 5 matmuls per tile instead of 7;
+ds16: dS rounded to bf16 for the dQ / dK dots), with their bf16 error checked at l = 999, so the defaults can be
+chosen from one run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.flash_attention import BlockSizes, flash_attention
+from seqmix_jax.ops import attention
+
+KERNEL = "flash_attention"
+BUDGET_S = 80  # optional comparisons (xla, cuDNN, backward options) are skipped past this
+BWD_OPTIONS = {"default": BlockSizes(), "fused": BlockSizes(fused_bwd=True),
+               "fused+ds16": BlockSizes(fused_bwd=True, ds_in_input_dtype=True),
+               "ds16": BlockSizes(ds_in_input_dtype=True)}
+
+
+def _row(case, check, **kw):
+    row = dict(kernel=KERNEL, case=case, check=check, max_rel_err=None, tol=None, ok=None, ms_fwd=None, ms_bwd=None,
+               ms_xla_fwd=None, ms_xla_bwd=None, tflops=None, gbps=None, target=None, note=None)
+    row.update(kw)
+    return row
+
+
+def _inputs(b, l, h, g, k, dtype, seed=0):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+    q = jax.random.normal(keys[0], (b, l, h, k), jnp.float32).astype(dtype)
+    kk = jax.random.normal(keys[1], (b, l, g, k), jnp.float32).astype(dtype)
+    v = jax.random.normal(keys[2], (b, l, g, k), jnp.float32).astype(dtype)
+    ct = jax.random.normal(keys[3], (b, l, h, k), jnp.float32)
+    return q, kk, v, ct
+
+
+def _forward_and_grads(fn, q, k, v, ct):
+    """(out, dq, dk, dv) on the host for the loss sum(fn(q, k, v) * ct)."""
+
+    def loss(q, k, v):
+        out = fn(q, k, v)
+        return jnp.sum(out.astype(jnp.float32) * ct), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    return jax.device_get((out, *grads))
+
+
+def _max_rel(a, r):
+    a, r = np.asarray(a, np.float64), np.asarray(r, np.float64)
+    return float(np.abs(a - r).max() / max(np.abs(r).max(), 1e-30))
+
+
+def _fmt(errs):
+    return " / ".join(f"{e:.1e}" for e in errs)
+
+
+def _correctness(shape, dtype, kw, option, quick, cache):
+    """Kernel vs the float32 reference on the same inputs; bf16 within 2x the xla path's bf16 error (3x for the
+    ds16 options, which round dS on purpose)."""
+    b, l, h, g, k = shape
+    case = (f"b{b} h{h} g{g} l{l} k{k} {jnp.dtype(dtype).name} " + " ".join(f"{n}={v}" for n, v in kw.items())
+            + ("" if option == "default" else f" bwd={option}"))
+    try:
+        q, kk, v, ct = _inputs(b, l, h, g, k, dtype)
+        key = (shape, jnp.dtype(dtype).name, tuple(sorted(kw.items())))
+        if key not in cache:  # the float32 reference (true float32, not TF32) and the xla path, shared by options
+            with jax.default_matmul_precision("highest"):
+                ref = _forward_and_grads(lambda *a: attention(*a, impl="reference", **kw),
+                                         *(x.astype(jnp.float32) for x in (q, kk, v)), ct)
+            xla = None
+            if jnp.dtype(dtype) != jnp.float32:
+                xla = _forward_and_grads(lambda *a: attention(*a, impl="xla", **kw), q, kk, v, ct)
+            cache[key] = ref, xla
+        ref, xla = cache[key]
+        ours = _forward_and_grads(lambda *a: flash_attention(*a, block_sizes=BWD_OPTIONS[option], **kw), q, kk, v, ct)
+        errs = [_max_rel(o, r) for o, r in zip(ours, ref)]
+        if xla is None:
+            tols, note = [1e-5, 1e-4, 1e-4, 1e-4], f"out / dq / dk / dv max rel err {_fmt(errs)}"
+        else:
+            xla_errs = [_max_rel(x, r) for x, r in zip(xla, ref)]
+            factor = 3 if "ds16" in option else 2
+            tols = [factor * e + 1e-4 for e in xla_errs]
+            note = (f"out / dq / dk / dv ours {_fmt(errs)}; xla bf16 {_fmt(xla_errs)} (tol {factor}x xla + 1e-4); "
+                    "ratios " + " / ".join(f"{e / max(x, 1e-30):.2f}" for e, x in zip(errs, xla_errs)))
+        worst = int(np.argmax([e / t for e, t in zip(errs, tols)]))
+        return _row(case, "correctness", max_rel_err=errs[worst], tol=tols[worst],
+                    ok=all(e <= t for e, t in zip(errs, tols)), note=note + (" [interpret]" if quick else ""))
+    except Exception as e:  # noqa: BLE001 - report and go on
+        return _row(case, "correctness", ok=False, note=f"{type(e).__name__}: {str(e)[:300]}")
+
+
+def _time_ms(fn, *args, n: int):
+    jax.block_until_ready(fn(*args))  # compile and warm up
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def _fwd_and_bwd_ms(fn, q, k, v, n, ms_fwd=None):
+    """(ms forward, ms backward = ms(forward + backward) - ms(forward)); a known ms_fwd skips its timing."""
+    grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2)))
+    if ms_fwd is None:
+        ms_fwd = _time_ms(jax.jit(fn), q, k, v, n=n)
+    return ms_fwd, _time_ms(grad, q, k, v, n=n) - ms_fwd
+
+
+def _timing(b, l, h, k, n, quick, deadline, option="default", ms_fwd=None):
+    case = f"b{b} h{h} l{l} k{k} causal bf16" + ("" if option == "default" else f" bwd={option}")
+    flops_fwd = 4 * b * h * l * l * k / 2
+    row, notes, targets, met = _row(case, "timing"), [], [], []
+    try:
+        q, kk, v, _ = _inputs(b, l, h, h, k, jnp.bfloat16)
+        ours = lambda *a: flash_attention(*a, causal=True, block_sizes=BWD_OPTIONS[option])
+        ms_fwd, ms_bwd = _fwd_and_bwd_ms(ours, q, kk, v, n, ms_fwd)
+        row.update(ms_fwd=ms_fwd, ms_bwd=ms_bwd, tflops=flops_fwd / ms_fwd / 1e9)
+        notes.append(f"bwd {2.5 * flops_fwd / ms_bwd / 1e9:.0f} TFLOP/s")
+    except Exception as e:  # noqa: BLE001
+        row.update(ok=False, note=f"pallas failed: {type(e).__name__}: {str(e)[:300]}")
+        return row
+    if option == "default":
+        if time.perf_counter() < deadline:
+            try:
+                row["ms_xla_fwd"], row["ms_xla_bwd"] = _fwd_and_bwd_ms(
+                    lambda *a: attention(*a, causal=True, impl="xla"), q, kk, v, n)
+            except Exception as e:  # noqa: BLE001
+                notes.append(f"xla failed: {type(e).__name__}: {str(e)[:200]}")
+        try:
+            if time.perf_counter() > deadline:
+                raise TimeoutError(f"skipped, past the {BUDGET_S} s budget")
+            cudnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+            ms_cudnn_fwd, ms_cudnn_bwd = _fwd_and_bwd_ms(cudnn, q, kk, v, n)
+            share = ms_cudnn_fwd / ms_fwd
+            met.append(share >= 0.6)
+            targets.append(f"fwd >= 60% cuDNN: {100 * share:.0f}% {'ok' if met[-1] else 'MISS'}")
+            notes.append(f"cuDNN fwd {ms_cudnn_fwd:.2f} ms ({flops_fwd / ms_cudnn_fwd / 1e9:.0f} TFLOP/s), "
+                         f"bwd {ms_cudnn_bwd:.2f} ms; ours/cuDNN bwd speed {ms_cudnn_bwd / ms_bwd:.0%}")
+        except Exception as e:  # noqa: BLE001 - cuDNN missing (CPU), refusing the shape, or no time left
+            targets.append("fwd >= 60% cuDNN: n/a")
+            notes.append(f"cuDNN failed: {type(e).__name__}: {str(e)[:200]}")
+    ratio = ms_bwd / ms_fwd
+    met.append(ratio <= 3)
+    targets.append(f"bwd <= 3x fwd: {ratio:.2f}x {'ok' if met[-1] else 'MISS'}")
+    row.update(target="; ".join(targets), ok=None if quick else all(met),
+               note="; ".join(notes) + (" [interpret]" if quick else ""))
+    return row
+
+
+def run(quick: bool = False) -> list[dict]:
+    deadline = time.perf_counter() + BUDGET_S
+    if quick:  # CPU: the GPU variant interpreted, tiny shapes
+        checks = [((1, 67, 4, 2, 72), jnp.bfloat16, dict(causal=True, window=30, softcap=5.0), "default")]
+        timings, options_at, n = [(1, 64, 1, 128)], None, 1
+    else:  # l odd and not a block multiple, GQA, head dims 80 (padded to 128) and 128
+        bf16 = jnp.bfloat16
+        checks = [((2, 999, 8, 2, 80), bf16, dict(causal=True), "default"),
+                  ((1, 999, 6, 3, 128), bf16, dict(causal=True, window=256, softcap=30.0), "default"),
+                  ((2, 999, 8, 2, 128), bf16, dict(causal=True), "default"),
+                  ((2, 999, 8, 2, 128), bf16, dict(causal=True), "fused"),
+                  ((2, 999, 8, 2, 128), bf16, dict(causal=True), "fused+ds16"),
+                  ((1, 999, 8, 2, 80), jnp.float32, dict(causal=True), "default")]
+        timings, options_at, n = [(16, 4096, 16, 128), (8, 8192, 16, 128), (4, 16384, 16, 128)], 1, 5  # b*h*l=2^20
+    cache = {}
+    rows = [_correctness(*c, quick, cache) for c in checks]
+    rows += [_timing(*t, n, quick, deadline) for t in timings]
+    if options_at is not None:  # the backward options at l = 8192, reusing the default's forward time
+        base = rows[len(checks) + options_at]
+        for option in ("fused", "fused+ds16", "ds16"):
+            if time.perf_counter() > deadline or base["ms_fwd"] is None:
+                rows.append(_row(f"{base['case']} bwd={option}", "timing", note="skipped (time budget or no fwd)"))
+                continue
+            rows.append(_timing(*timings[options_at], n, quick, deadline, option, base["ms_fwd"]))
+    return rows
+
+
+if __name__ == "__main__":
+    for r in run(quick=jax.default_backend() == "cpu"):
+        print(r)
