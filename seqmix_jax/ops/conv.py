@@ -6,6 +6,10 @@ Axis letters: b batch, l sequence, c channels, w kernel width.
 
 so the last tap `weight[w - 1]` multiplies the current input. Weights are stored (w, c) here; a PyTorch
 `Conv1d` weight (c, 1, w) converts with `weight[:, 0, :].T`.
+
+impl="pallas" runs `pallas_kernels.causal_conv1d` (interpret mode on CPU): a bandwidth-bound kernel that reads x
+once and writes y once, with bias, silu and the segment masking fused, a Pallas backward that recomputes the
+pre-activation, and a decode-update kernel. It takes float32 / bfloat16 / float16 and widths 1 <= w <= 16.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+import pallas_kernels.causal_conv1d as conv_kernels
 from seqmix_jax.ops import _checks as ck
-from seqmix_jax.ops.dispatch import Impl, resolve_impl
+from seqmix_jax.ops.dispatch import Impl, register_pallas, resolve_impl
 from seqmix_jax.ops.segments import check_segment_ids, segment_index
 
 
@@ -35,7 +40,9 @@ def causal_conv1d(x: Float[Array, "b l c"], weight: Float[Array, "w c"], bias: F
         segment.
       return_final_state: also return the last w - 1 inputs (b, w - 1, c) (zeros before a segment start), the
         state `causal_conv1d_update` continues from.
-      impl: "auto", "reference" (a sum of shifted slices per tap, also the fast form on XLA) or "xla".
+      impl: "auto", "reference" (a sum of shifted slices per tap, also the fast form on XLA), "xla" or "pallas"
+        (the kernel in `pallas_kernels.causal_conv1d`: one pass over x with the w - 1 preceding rows as a halo,
+        bias, silu and segment masking fused; its backward is a Pallas kernel too).
 
     Returns:
       y (b, l, c) in x.dtype (accumulated in float32), or (y, state).
@@ -47,10 +54,11 @@ def causal_conv1d(x: Float[Array, "b l c"], weight: Float[Array, "w c"], bias: F
         ck.check_shape("initial_state", initial_state, (b, w - 1, c), "(b, w - 1, c)")
     if segment_ids is not None:
         check_segment_ids(segment_ids, b, l)
-    path = resolve_impl("causal_conv1d", impl, ("reference", "xla", "pallas"), x=x, weight=weight,
-                        segment_ids=segment_ids)
-    if path == "pallas":  # resolve_impl returns "pallas" only for a registered kernel, and none is wired in yet
-        raise AssertionError("causal_conv1d has no 'pallas' branch")
+    path = resolve_impl("causal_conv1d", impl, ("reference", "xla", "pallas"), x=x, weight=weight, bias=bias,
+                        activation=activation, segment_ids=segment_ids, initial_state=initial_state)
+    if path == "pallas":
+        return conv_kernels.causal_conv1d(x, weight, bias, activation=activation, segment_ids=segment_ids,
+                                          initial_state=initial_state, return_final_state=return_final_state)
     # "Pad once, add w shifted slices": ~20x faster than lax.conv_general_dilated with feature groups on
     # XLA:CPU, and already the readable definition, so reference and xla share it.
     prefix = jnp.zeros((b, w - 1, c), x.dtype) if initial_state is None else initial_state.astype(x.dtype)
@@ -83,15 +91,24 @@ def causal_conv1d_reference(x, weight, bias=None, *, activation=None, segment_id
                          initial_state=initial_state, return_final_state=return_final_state, impl="reference")
 
 
-def causal_conv1d_update(state, x, weight, bias=None, *, activation=None):
+def causal_conv1d_update(state: Float[Array, "b w1 c"], x: Float[Array, "b c"], weight: Float[Array, "w c"],
+                         bias: Float[Array, "c"] | None = None, *, activation: str | None = None,
+                         impl: Impl = "auto"):
     """One decoding step. state: (b, w - 1, c) previous inputs, oldest first; x: (b, c).
 
-    Returns (y (b, c), new_state (b, w - 1, c)). The new state is an exact shift (no arithmetic), so it equals
-    the prefill's final state bit for bit."""
+    impl: "auto", "reference" / "xla" (one einsum over the (b, w, c) window; the same code) or "pallas" (the
+    decode-update kernel in `pallas_kernels.causal_conv1d`).
+
+    Returns (y (b, c), new_state (b, w - 1, c)), both in x.dtype. The new state is an exact shift (no
+    arithmetic), so it equals the prefill's final state bit for bit."""
     ck.check_rank("x", x, 2, "(b, c)")
     b, c = x.shape
     w = _check_conv_args(x, weight, bias, activation)
     ck.check_shape("state", state, (b, w - 1, c), "(b, w - 1, c)")
+    path = resolve_impl("causal_conv1d_update", impl, ("reference", "xla", "pallas"), state=state, x=x,
+                        weight=weight, bias=bias, activation=activation)
+    if path == "pallas":
+        return conv_kernels.causal_conv1d_update(state, x, weight, bias, activation=activation)
     window = jnp.concatenate([state.astype(x.dtype), x[:, None]], axis=1)  # (b, w, c)
     y = jnp.einsum("bwc,wc->bc", window.astype(jnp.float32), weight.astype(jnp.float32),
                    precision=jax.lax.Precision.HIGHEST)
@@ -115,3 +132,16 @@ def _check_conv_args(x, weight, bias, activation) -> int:
     if activation not in (None, "silu", "swish"):
         raise ValueError(f"activation must be None or 'silu', got {activation!r}")
     return weight.shape[0]
+
+
+def _pallas_supports(*, x, weight, bias=None, activation=None, segment_ids=None, initial_state=None) -> str | None:
+    return conv_kernels.supports(x, weight, bias, activation=activation, segment_ids=segment_ids,
+                                 initial_state=initial_state)
+
+
+def _pallas_update_supports(*, state, x, weight, bias=None, activation=None) -> str | None:
+    return conv_kernels.supports_update(state, x, weight, bias, activation=activation)
+
+
+register_pallas("causal_conv1d", _pallas_supports)
+register_pallas("causal_conv1d_update", _pallas_update_supports)

@@ -171,7 +171,8 @@ BAD_CONV = [
     ("impl_unknown", lambda a: {}, {"impl": "nope"}, r"^impl='nope' is not one of"),
     ("impl_associative", lambda a: {}, {"impl": "associative"},
      r"^impl='associative' is not available for causal_conv1d"),
-    ("impl_pallas", lambda a: {}, {"impl": "pallas"}, r"impl='pallas' cannot run causal_conv1d: no Pallas kernel"),
+    ("impl_pallas_width", lambda a: {"weight": jnp.ones((17, 10)), "initial_state": None}, {"impl": "pallas"},
+     r"^impl='pallas' cannot run causal_conv1d: weight has width w=17; the kernel takes 1 <= w <= 16"),
 ]
 
 
