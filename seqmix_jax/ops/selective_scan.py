@@ -18,6 +18,11 @@ Paths (see `dispatch.py`):
                (`jax.checkpoint`), so the backward pass keeps only one (b, d, n) state per chunk and
                recomputes the states inside a chunk. Forward+backward memory therefore grows with l·d
                (the inputs and their gradients), not with l·d·n.
+  pallas       `pallas_kernels.selective_scan` (interpret mode on CPU): one program per (batch, block of
+               channels) keeps its (block_d, n) state on chip and walks l; softplus(dt + dt_bias), the D skip
+               and the z gate are fused, so per token only x, dt, z, B, C are read and y written (inputs in
+               their own dtype). It saves one state per chunk for its Pallas backward, which recomputes the
+               states inside a chunk. `chunk_size` does not apply (the kernel's `BlockSizes` do).
 
 Packed sequences: with `segment_ids (b, l)` the state is zeroed at each segment start, which equals
 running every segment separately. `initial_state` feeds the first segment; the final state is the last
@@ -34,7 +39,7 @@ from jax import lax
 from jaxtyping import Array, Float, Int
 
 from seqmix_jax.ops import _checks as ck
-from seqmix_jax.ops.dispatch import Impl, resolve_impl
+from seqmix_jax.ops.dispatch import Impl, register_pallas, resolve_impl
 from seqmix_jax.ops.segments import check_segment_ids, segment_starts
 
 
@@ -59,7 +64,7 @@ def selective_scan(x: Float[Array, "b l d"], dt: Float[Array, "b l d"], A: Float
       initial_state: optional (b, d, n) state before the first step.
       return_final_state: also return the (b, d, n) float32 state after the last step.
       segment_ids: optional (b, l) int: reset the state at segment starts (packed sequences).
-      impl: "auto", "reference", "associative" or "xla".
+      impl: "auto", "reference", "associative", "xla" or "pallas".
       chunk_size: steps per chunk of the xla path.
 
     Returns:
@@ -67,8 +72,13 @@ def selective_scan(x: Float[Array, "b l d"], dt: Float[Array, "b l d"], A: Float
     """
     b, l, d, n, g = _validate(x, dt, A, B, C, D, z, dt_bias, initial_state, segment_ids)
     ck.check_positive_int("chunk_size", chunk_size)
-    path = resolve_impl("selective_scan", impl, ("reference", "associative", "xla", "pallas"), x=x, B=B,
-                        segment_ids=segment_ids)
+    path = resolve_impl("selective_scan", impl, ("reference", "associative", "xla", "pallas"), x=x, dt=dt, A=A, B=B,
+                        C=C, D=D, z=z, dt_bias=dt_bias, initial_state=initial_state, segment_ids=segment_ids)
+    if path == "pallas":
+        from pallas_kernels.selective_scan import entry as kernel  # imported on use: Pallas loads slowly
+        return kernel.selective_scan(x, dt, A, B, C, D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                                     initial_state=initial_state, return_final_state=return_final_state,
+                                     segment_ids=segment_ids)
     f32 = lambda a: a.astype(jnp.float32)
     delta = f32(dt) if dt_bias is None else f32(dt) + f32(dt_bias)
     if dt_softplus:
@@ -84,10 +94,8 @@ def selective_scan(x: Float[Array, "b l d"], dt: Float[Array, "b l d"], A: Float
         y, h = _scan_sequential(A, u, delta, Bg, Cg, keep, h0)
     elif path == "associative":
         y, h = _scan_associative(A, u, delta, Bg, Cg, keep, h0)
-    elif path == "xla":
+    else:
         y, h = _scan_chunked(A, u, delta, Bg, Cg, keep, h0, chunk_size)
-    else:  # resolve_impl returns "pallas" only for a registered kernel, and none is wired in yet
-        raise AssertionError(f"selective_scan has no {path!r} branch")
 
     if D is not None:
         y = y + u * f32(D)
@@ -251,3 +259,12 @@ def _validate(x, dt, A, B, C, D, z, dt_bias, initial_state, segment_ids):
     if segment_ids is not None:
         check_segment_ids(segment_ids, b, l)
     return b, l, d, n, g
+
+
+def _pallas_supports(**call) -> str | None:
+    """Whether the Pallas kernel takes this call (the op's arguments by name): None, or the reason it cannot."""
+    from pallas_kernels.selective_scan import entry as kernel
+    return kernel.supports(**call)
+
+
+register_pallas("selective_scan", _pallas_supports)

@@ -308,7 +308,9 @@ BAD = [
     ("chunk_size_float", lambda a: {}, {"chunk_size": 2.5}, r"^chunk_size must be a positive int"),
     ("chunk_size_bool", lambda a: {}, {"chunk_size": True}, r"^chunk_size must be a positive int"),
     ("impl_unknown", lambda a: {}, {"impl": "nope"}, r"^impl='nope' is not one of"),
-    ("impl_pallas", lambda a: {}, {"impl": "pallas"}, r"impl='pallas' cannot run selective_scan: no Pallas kernel"),
+    ("impl_pallas_n", lambda a: {"A": -jnp.ones((6, 300)), "B": jnp.ones((2, 5, 300)), "C": jnp.ones((2, 5, 300)),
+                                 "initial_state": None}, {"impl": "pallas"},
+     r"^impl='pallas' cannot run selective_scan: d_state n=300 is larger than the kernel takes \(256\)"),
 ]
 
 
