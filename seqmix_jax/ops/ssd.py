@@ -16,8 +16,14 @@ Paths:
                Y_diag = (L o C B^T) (delta x) with L = exp(segsum(a)); across chunks the linear recurrence
                on the (p, n) states. The scan over chunks is rematerialized (`jax.checkpoint`), so training
                keeps one state per chunk, never a (b, l, h, Q) decay matrix for the whole sequence.
+  pallas       `pallas_kernels.ssd`: one fused kernel per (batch, head, head-dim block) walks the chunks in
+               order with its state in registers (GPU, Triton) or VMEM (TPU, Mosaic); per chunk the products
+               of the xla path as 2-D matmuls with float32 accumulation (bf16 / f16 operands when x, B and C
+               are, the float32 state as a hi + lo pair), D x fused, the z gate in XLA. It saves the
+               chunk-start states for its Pallas backward, which walks the chunks in reverse. Its chunk is
+               its own block size (64 on GPU, 128 on TPU): `chunk_size` is not used. Interpret mode on CPU.
 Any l works: the xla path pads to a multiple of Q with delta = 0 (no decay, no input).
-Everything runs in float32; y is cast to x.dtype, the final state is float32.
+Everything runs in float32 (pallas: see above); y is cast to x.dtype, the final state is float32.
 `segment_ids (b, l)` resets the state at segment starts (packed sequences).
 """
 
@@ -30,8 +36,10 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int
 
+from pallas_kernels.ssd import ssd as ssd_pallas
+from pallas_kernels.ssd import supports as ssd_pallas_supports
 from seqmix_jax.ops import _checks as ck
-from seqmix_jax.ops.dispatch import Impl, resolve_impl
+from seqmix_jax.ops.dispatch import Impl, register_pallas, resolve_impl
 from seqmix_jax.ops.segments import check_segment_ids, segment_index, segment_starts
 
 _HI = lax.Precision.HIGHEST
@@ -58,15 +66,18 @@ def ssd(x: Float[Array, "b l h p"], dt: Float[Array, "b l h"], A: Float[Array, "
       initial_state: optional (b, h, p, n).
       return_final_state: also return the (b, h, p, n) float32 final state.
       segment_ids: optional (b, l) int; the state resets at segment starts.
-      impl: "auto", "reference", "associative" or "xla".
+      impl: "auto", "reference", "associative", "xla" or "pallas".
 
     Returns:
       y (b, l, h, p) in x.dtype, or (y, final_state).
     """
     b, l, h, p, g, n = _validate(x, dt, A, B, C, D, z, dt_bias, dt_limit, initial_state, segment_ids)
     ck.check_positive_int("chunk_size", chunk_size)
-    path = resolve_impl("ssd", impl, ("reference", "associative", "xla", "pallas"), x=x, B=B,
-                        chunk_size=chunk_size, segment_ids=segment_ids)
+    path = resolve_impl("ssd", impl, ("reference", "associative", "xla", "pallas"), x=x, B=B)
+    if path == "pallas":
+        return ssd_pallas(x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
+                          initial_state=initial_state, return_final_state=return_final_state,
+                          segment_ids=segment_ids)
     hg = h // g
     f32 = lambda a: a.astype(jnp.float32)
     delta = f32(dt) if dt_bias is None else f32(dt) + f32(dt_bias)
@@ -86,10 +97,8 @@ def ssd(x: Float[Array, "b l h p"], dt: Float[Array, "b l h"], A: Float[Array, "
         ys, S = _ssd_sequential(a, xbar, Bf, Cf, segment_ids, S0)
     elif path == "associative":
         ys, S = _ssd_associative(a, xbar, Bf, Cf, segment_ids, S0)
-    elif path == "xla":
+    else:
         ys, S = _ssd_chunked(a, xbar, Bf, Cf, segment_ids, S0, chunk_size)
-    else:  # resolve_impl returns "pallas" only for a registered kernel, and none is wired in yet
-        raise AssertionError(f"ssd has no {path!r} branch")
 
     y = ys.reshape(b, l, h, p)
     if D is not None:
@@ -249,3 +258,11 @@ def _validate(x, dt, A, B, C, D, z, dt_bias, dt_limit, initial_state, segment_id
     if segment_ids is not None:
         check_segment_ids(segment_ids, b, l)
     return b, l, h, p, g, n
+
+
+def _pallas_supports(*, x, B, **_) -> str | None:
+    """What the dispatcher asks before choosing (auto) or running (pallas) the kernel: shapes and dtypes."""
+    return ssd_pallas_supports(x, B)
+
+
+register_pallas("ssd", _pallas_supports)

@@ -262,7 +262,9 @@ BAD = [
     ("chunk_size_0", lambda a: {}, {"chunk_size": 0}, r"^chunk_size must be a positive int, got 0"),
     ("chunk_size_float", lambda a: {}, {"chunk_size": 8.0}, r"^chunk_size must be a positive int"),
     ("impl_unknown", lambda a: {}, {"impl": "nope"}, r"^impl='nope' is not one of"),
-    ("impl_pallas", lambda a: {}, {"impl": "pallas"}, r"impl='pallas' cannot run ssd: no Pallas kernel"),
+    ("impl_pallas_n", lambda a: {"B": jnp.ones((2, 5, 1, 300)), "C": jnp.ones((2, 5, 1, 300)), "initial_state": None},
+     {"impl": "pallas"},
+     r"^impl='pallas' cannot run ssd: d_state n=300 \(padded to 512\) exceeds the gpu variant's limit 256"),
 ]
 
 

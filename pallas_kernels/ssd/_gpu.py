@@ -1,0 +1,240 @@
+"""SSD on GPU (Pallas lowered through Triton): one program per (batch, head, head-dim block) walks the chunks.
+
+Grid (b, h, P / bp). A program keeps its state slice S (bp, N) in registers and visits the Q-step chunks in
+order (a `fori_loop`), so nothing of size (b, l, h, p, n) ever exists; the backward program walks them in
+reverse with the adjoint dS. Per chunk every product is a 2-D `dot` with float32 accumulation (Triton needs
+power-of-two dims >= 16: Q, bp and the padded state N are). Vectors over the chunk are 1-D (Q,).
+
+Canonical (padded) arrays, shared with the TPU variant through `kernel.py`:
+  x (b, Lp, h, Pp); delta, a (b, h, Lp) float32; B, C (b, Lp, g, Np); D (h, Pp) float32;
+  S0 (b, h, Pp, Np) float32; r, r0 (b, Lp) int32 (segment index of each step, and the segment index in force
+  just before the step's chunk) or None.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels._common import compiler_params, interpret_arg
+
+F32 = jnp.float32
+
+
+def dot(a, b, mm, *, ta=False, tb=False, split=""):
+    """a @ b (a^T if ta, b^T if tb) as 2-D matmuls with float32 accumulation. `mm` names the operand
+    precision: "bfloat16" / "float16" (operands rounded to it: tensor cores), "float32" (full precision; Triton
+    IEEE) or "tf32x3" (float32 as three TF32 products: ~float32 accuracy on tensor cores). With a 16-bit mm,
+    `split` names the float32 operands ("a", "b", "ab") to pass as hi + lo pairs of 16-bit parts (one more
+    matmul per split operand, ~16 mantissa bits): for the state and float32 cotangent products, whose rounding
+    would compound over the chunks."""
+    dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
+    if mm == "float32":
+        return lax.dot_general(a.astype(F32), b.astype(F32), dims, precision=lax.Precision.HIGHEST,
+                               preferred_element_type=F32)
+    if mm == "tf32x3":
+        return lax.dot_general(a.astype(F32), b.astype(F32), dims,
+                               precision=lax.DotAlgorithmPreset.TF32_TF32_F32_X3, preferred_element_type=F32)
+    mul = lambda u, v: lax.dot_general(u, v, dims, preferred_element_type=F32)
+    lo = lambda t: (t.astype(F32) - t.astype(mm).astype(F32)).astype(mm)  # what rounding to mm dropped
+    a_hi, b_hi = a.astype(mm), b.astype(mm)
+    out = mul(a_hi, b_hi)
+    if "b" in split:
+        out += mul(a_hi, lo(b))
+    if "a" in split:
+        out += mul(lo(a), b_hi)
+    return out
+
+
+def chunk_decays(a, seg, Q):
+    """The chunk's decay factors from its log decays a (Q,) (paper: the 1-semiseparable mask).
+
+    Returns L (Q, Q) = exp(cum_i - cum_j) on and below the diagonal within a segment, win (Q,) = exp(cum_i)
+    (how S_prev reaches step i), wout (Q,) = exp(last - cum_j) (how step j reaches S_next), carry =
+    exp(last) (S_prev -> S_next); cum = inclusive cumsum of a, last = cum[Q - 1]. `seg` = (r (Q,), r0): the
+    steps' segment indices and the one S_prev belongs to; factors across a segment start are 0."""
+    iq = lax.broadcasted_iota(jnp.int32, (Q,), 0)
+    cum = jnp.cumsum(a)
+    last = jnp.sum(jnp.where(iq == Q - 1, cum, 0.0))
+    keep = iq[:, None] >= iq[None, :]
+    if seg is not None:
+        r, r0 = seg
+        r_last = jnp.max(r)
+        keep = keep & (r[:, None] == r[None, :])
+    diff = jnp.where(keep, cum[:, None] - cum[None, :], 0.0)  # masked first: no overflow above the diagonal
+    L = jnp.where(keep, jnp.exp(diff), 0.0)
+    win, wout, carry = jnp.exp(cum), jnp.exp(last - cum), jnp.exp(last)
+    if seg is not None:
+        win = jnp.where(r == r0, win, 0.0)
+        wout = jnp.where(r == r_last, wout, 0.0)
+        carry = jnp.where(r_last == r0, carry, 0.0)
+    return L, win, wout, carry
+
+
+def _split_refs(refs, n_in_fixed, seg, n_out):
+    ins = list(refs[:n_in_fixed])
+    rest = list(refs[n_in_fixed:])
+    segs = (rest.pop(0), rest.pop(0)) if seg else None
+    return ins, segs, rest[:n_out], rest[n_out:]
+
+
+# --- forward ---------------------------------------------------------------------------------------------
+
+def _fwd_kernel(*refs, Q, nc, seg, save, mm, ss, sm):
+    (x_ref, delta_ref, a_ref, B_ref, C_ref, D_ref, S0_ref), seg_refs, outs, _ = _split_refs(
+        refs, 7, seg, 3 if save else 2)
+    y_ref, Sf_ref = outs[0], outs[1]
+    bp = x_ref.shape[-1]
+    Dv = D_ref[...]
+
+    def body(c, S):  # S = S_prev (bp, N), the state before chunk c
+        rows = pl.ds(pl.multiple_of(c * Q, Q), Q)
+        x, B, C, delta = x_ref[rows, :], B_ref[rows, :], C_ref[rows, :], delta_ref[rows]
+        segc = (seg_refs[0][rows], jnp.max(seg_refs[1][rows])) if seg else None
+        L, win, wout, carry = chunk_decays(a_ref[rows], segc, Q)
+        if save:
+            outs[2][c] = S
+        # delta goes to the side of M and B, never into x: x stays exact in a bf16 matmul (xbar = delta x).
+        M = dot(C, B, mm, tb=True) * L * delta[None, :]  # ((C B^T) o L) diag(delta)
+        y = dot(M, x, mm, split=sm) + win[:, None] * dot(C, S, mm, tb=True, split=ss)  # intra + from S_prev
+        y += Dv[None, :] * x.astype(F32)
+        y_ref[rows, :] = y.astype(y_ref.dtype)
+        return carry * S + dot(x, (delta * wout)[:, None] * B.astype(F32), mm, ta=True, split=ss)
+
+    Sf_ref[...] = lax.fori_loop(0, nc, body, S0_ref[...])
+
+
+def forward(cfg, x, delta, a, B, C, D, S0, r, r0, *, save_states):
+    """y (b, Lp, h, Pp) in cfg.out_dtype, S_final (b, h, Pp, Np) f32, and the chunk-start states (or None)."""
+    b, Lp, h, Pp = x.shape
+    g, Np = B.shape[2], B.shape[3]
+    Q, bp, hg = cfg.chunk, cfg.block_p, h // g
+    nc, npb = Lp // Q, Pp // bp
+    seg = r is not None
+    per_x = pl.BlockSpec((None, Lp, None, bp), lambda i, j, k: (i, 0, j, k))
+    per_head_l = pl.BlockSpec((None, None, Lp), lambda i, j, k: (i, j, 0))
+    per_group = pl.BlockSpec((None, Lp, None, Np), lambda i, j, k: (i, 0, lax.div(j, hg), 0))
+    per_state = pl.BlockSpec((None, None, bp, Np), lambda i, j, k: (i, j, k, 0))
+    in_specs = [per_x, per_head_l, per_head_l, per_group, per_group,
+                pl.BlockSpec((None, bp), lambda i, j, k: (j, k)), per_state]
+    args = [x, delta, a, B, C, D, S0]
+    if seg:
+        in_specs += [pl.BlockSpec((None, Lp), lambda i, j, k: (i, 0))] * 2
+        args += [r, r0]
+    out_shape = [jax.ShapeDtypeStruct((b, Lp, h, Pp), cfg.out_dtype), jax.ShapeDtypeStruct((b, h, Pp, Np), F32)]
+    out_specs = [per_x, per_state]
+    if save_states:  # chunk-start states for the backward
+        out_shape.append(jax.ShapeDtypeStruct((b, h, nc, Pp, Np), F32))
+        out_specs.append(pl.BlockSpec((None, None, nc, bp, Np), lambda i, j, k: (i, j, 0, k, 0)))
+    kernel = functools.partial(_fwd_kernel, Q=Q, nc=nc, seg=seg, save=save_states, mm=cfg.mm,
+                               ss=cfg.split_state, sm=cfg.split_m)
+    outs = pl.pallas_call(
+        kernel, out_shape=out_shape, grid=(b, h, npb), in_specs=in_specs, out_specs=out_specs,
+        interpret=interpret_arg("gpu", cfg.interpret), name="ssd_fwd",
+        compiler_params=compiler_params("gpu", num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+    )(*args)
+    return outs[0], outs[1], (outs[2] if save_states else None)
+
+
+# --- backward --------------------------------------------------------------------------------------------
+
+def chunk_backward(x, delta, a, B, C, dy, S, dS, Dv, segc, Q, mm, ss, sd, sm, put):
+    """Adjoints of one chunk; S = S_prev (bp, N), dS = dL/dS_next. Each result goes to `put(name, value)` as
+    soon as it is known (short live ranges: fewer registers): dC, dB (Q, N), dx (Q, bp), ddx = sum_p dxbar x,
+    da (Q,); returns (dS_prev, sum_q dy x). Derivation: y = M xbar + (win C) S^T + D x with M = G o L,
+    G = C B^T; S_next = carry S + xbar^T (wout B); L, win, wout, carry are exponentials of cumsums of a."""
+    L, win, wout, carry = chunk_decays(a, segc, Q)
+    dyS = dot(dy, S, mm, split=sd + ss)  # (Q, N): dy S_prev
+    dlast = carry * jnp.sum(dS * S)  # last = cum[Q - 1], through carry = exp(last); S_prev is done here
+    dcum = win * jnp.sum(C.astype(F32) * dyS, axis=1)  # through win = exp(cum)
+    M = dot(C, B, mm, tb=True) * L
+    dM = dot(dy, x, mm, tb=True, split=sd) * delta[None, :]  # dy xbar^T, x exact in the matmul
+    P = dM * M  # dL o L: d/dcum_i gets its row sums, d/dcum_j minus its column sums
+    dcum += jnp.sum(P, axis=1) - jnp.sum(P, axis=0)
+    dG = dM * L
+    put("dC", dot(dG, B, mm) + win[:, None] * dyS)
+    xdS = delta[:, None] * dot(x, dS, mm, split=ss)  # (Q, N): xbar dS_next
+    t_out = wout * jnp.sum(B.astype(F32) * xdS, axis=1)  # through wout = exp(last - cum)
+    put("dB", dot(dG, C, mm, ta=True) + wout[:, None] * xdS)
+    dxbar = dot(M, dy, mm, ta=True, split=sm + (sd and "b")) + wout[:, None] * dot(B, dS, mm, tb=True, split=ss)
+    put("dx", dxbar * delta[:, None] + Dv[None, :] * dy.astype(F32))
+    put("ddx", jnp.sum(dxbar * x.astype(F32), axis=1))
+    iq = lax.broadcasted_iota(jnp.int32, (Q,), 0)
+    dcum = dcum - t_out + jnp.where(iq == Q - 1, dlast + jnp.sum(t_out), 0.0)
+    put("da", jnp.sum(jnp.where(iq[None, :] >= iq[:, None], dcum[None, :], 0.0), axis=1))  # reverse cumsum
+    dS_prev = carry * dS + dot(dy, win[:, None] * C.astype(F32), mm, ta=True, split=sd + ss)
+    return dS_prev, jnp.sum(dy.astype(F32) * x.astype(F32), axis=0)
+
+
+def _bwd_kernel(*refs, Q, nc, seg, mm, ss, sd, sm):
+    (x_ref, delta_ref, a_ref, B_ref, C_ref, D_ref, st_ref, dy_ref, dSf_ref), seg_refs, outs, _ = _split_refs(
+        refs, 9, seg, 7)
+    dx_ref, ddx_ref, da_ref, dB_ref, dC_ref, dD_ref, dS0_ref = outs
+    bp = x_ref.shape[-1]
+    Dv = D_ref[...]
+
+    def body(k, carry):
+        dS, dD = carry
+        c = nc - 1 - k
+        rows = pl.ds(pl.multiple_of(c * Q, Q), Q)
+        segc = (seg_refs[0][rows], jnp.max(seg_refs[1][rows])) if seg else None
+        S = st_ref[c]
+        x, dy = x_ref[rows, :], dy_ref[rows, :]  # input / output dtype
+        dst = dict(dx=dx_ref, ddx=ddx_ref, da=da_ref, dB=dB_ref, dC=dC_ref)
+
+        def put(name, value):
+            ref = dst[name]
+            ref[rows, ...] = value.astype(ref.dtype)
+
+        dS, dDc = chunk_backward(x, delta_ref[rows], a_ref[rows], B_ref[rows, :], C_ref[rows, :], dy, S, dS, Dv,
+                                 segc, Q, mm, ss, sd, sm, put)
+        return dS, dD + dDc
+
+    dS0, dD = lax.fori_loop(0, nc, body, (dSf_ref[...], jnp.zeros((bp,), F32)))
+    dS0_ref[...] = dS0
+    dD_ref[...] = dD
+
+
+def backward(cfg, x, delta, a, B, C, D, states, r, r0, dy, dSf):
+    """Canonical gradients: dx (x.dtype), d delta through xbar and da (b, h, Lp), dB, dC (b, Lp, g, Np) f32,
+    dD (h, Pp), dS0.
+
+    dB and dC are written per (head, p block) program, da and d delta per p block, dD per batch row, and
+    summed here in XLA (over the heads of a group and the p blocks)."""
+    b, Lp, h, Pp = x.shape
+    g, Np = B.shape[2], B.shape[3]
+    Q, bp, hg = cfg.chunk, cfg.block_p_bwd, h // g
+    nc, npb = Lp // Q, Pp // bp
+    seg = r is not None
+    per_x = pl.BlockSpec((None, Lp, None, bp), lambda i, j, k: (i, 0, j, k))
+    per_head_l = pl.BlockSpec((None, None, Lp), lambda i, j, k: (i, j, 0))
+    per_group = pl.BlockSpec((None, Lp, None, Np), lambda i, j, k: (i, 0, lax.div(j, hg), 0))
+    per_state = pl.BlockSpec((None, None, bp, Np), lambda i, j, k: (i, j, k, 0))
+    in_specs = [per_x, per_head_l, per_head_l, per_group, per_group,
+                pl.BlockSpec((None, bp), lambda i, j, k: (j, k)),
+                pl.BlockSpec((None, None, nc, bp, Np), lambda i, j, k: (i, j, 0, k, 0)), per_x, per_state]
+    args = [x, delta, a, B, C, D, states, dy, dSf]
+    if seg:
+        in_specs += [pl.BlockSpec((None, Lp), lambda i, j, k: (i, 0))] * 2
+        args += [r, r0]
+    per_prog_l = pl.BlockSpec((None, None, None, Lp), lambda i, j, k: (i, j, k, 0))
+    per_prog_n = pl.BlockSpec((None, Lp, None, Np), lambda i, j, k: (i, 0, j * npb + k, 0))
+    out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype)]
+    out_shape += [jax.ShapeDtypeStruct((b, h, npb, Lp), F32)] * 2
+    out_shape += [jax.ShapeDtypeStruct((b, Lp, h * npb, Np), F32)] * 2
+    out_shape += [jax.ShapeDtypeStruct((b, h, Pp), F32), jax.ShapeDtypeStruct((b, h, Pp, Np), F32)]
+    out_specs = [per_x, per_prog_l, per_prog_l, per_prog_n, per_prog_n,
+                 pl.BlockSpec((None, None, bp), lambda i, j, k: (i, j, k)), per_state]
+    kernel = functools.partial(_bwd_kernel, Q=Q, nc=nc, seg=seg, mm=cfg.mm, ss=cfg.split_state,
+                               sd=cfg.split_dy, sm=cfg.split_m)
+    dx, ddx, da, dB, dC, dD, dS0 = pl.pallas_call(
+        kernel, out_shape=out_shape, grid=(b, h, npb), in_specs=in_specs, out_specs=out_specs,
+        interpret=interpret_arg("gpu", cfg.interpret), name="ssd_bwd",
+        compiler_params=compiler_params("gpu", num_warps=cfg.num_warps_bwd, num_stages=cfg.num_stages_bwd),
+    )(*args)
+    group_sum = lambda t: t.reshape(b, Lp, g, hg * npb, Np).sum(3)
+    return dx, ddx.sum(2), da.sum(2), group_sum(dB), group_sum(dC), dD.sum(0), dS0
