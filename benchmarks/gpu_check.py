@@ -25,19 +25,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 
+from benchmarks.gpu._common import chip  # noqa: E402
 from benchmarks.harness import Table, meta, parser, write_json  # noqa: E402
 
 KERNELS = ("flash_attention", "selective_scan", "ssd", "causal_conv1d")
-# The chip limits the rows are read against (PERF_ANCHORS.md): dense bf16 TFLOP/s and HBM TB/s.
-CHIPS = {"H100": (989.0, 3.35), "H200": (989.0, 4.8)}
 
 
 def chip_limits() -> tuple[str, float, float] | None:
-    kind = jax.devices()[0].device_kind
-    for name, (tflops, tbps) in CHIPS.items():
-        if name in kind:
-            return name, tflops, tbps
-    return None
+    """(name, dense bf16 TFLOP/s, HBM TB/s) of the device the rows are read against; None when it is not known."""
+    c = chip()
+    return None if c.assumed else (c.name, c.tflops, c.hbm / 1e12)
 
 
 def run_part(kernel: str, quick: bool) -> list[dict]:

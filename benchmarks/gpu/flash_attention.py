@@ -9,20 +9,20 @@ FLOPs (causal halves them): forward 4 * b * h * l^2 * k (two matmuls, 2 FLOPs pe
 l = 4k-16k): forward >= 60% of cuDNN's throughput, backward <= 3x the forward's time.
 
 Besides the default backward (separate dK/dV and dQ kernels, dS kept float32 -> TF32 dots), the rows tagged
-"bwd=..." time the BlockSizes options at l = 8192 (fused: dQ by atomic adds, 5 matmuls per tile instead of 7;
+"bwd-..." time the BlockSizes options at l = 8192 (fused: dQ by atomic adds, 5 matmuls per tile instead of 7;
 ds16: dS rounded to bf16 for the dQ / dK dots), with their bf16 error checked at l = 999, so the defaults can be
 chosen from one run.
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.gpu._common import case_str, failure, median_ms, rel_err, row
 from pallas_kernels.flash_attention import BlockSizes, flash_attention
 from seqmix_jax.ops import attention
 
@@ -31,13 +31,6 @@ BUDGET_S = 80  # optional comparisons (xla, cuDNN, backward options) are skipped
 BWD_OPTIONS = {"default": BlockSizes(), "fused": BlockSizes(fused_bwd=True),
                "fused+ds16": BlockSizes(fused_bwd=True, ds_in_input_dtype=True),
                "ds16": BlockSizes(ds_in_input_dtype=True)}
-
-
-def _row(case, check, **kw):
-    row = dict(kernel=KERNEL, case=case, check=check, max_rel_err=None, tol=None, ok=None, ms_fwd=None, ms_bwd=None,
-               ms_xla_fwd=None, ms_xla_bwd=None, tflops=None, gbps=None, target=None, note=None)
-    row.update(kw)
-    return row
 
 
 def _inputs(b, l, h, g, k, dtype, seed=0):
@@ -60,21 +53,27 @@ def _forward_and_grads(fn, q, k, v, ct):
     return jax.device_get((out, *grads))
 
 
-def _max_rel(a, r):
-    a, r = np.asarray(a, np.float64), np.asarray(r, np.float64)
-    return float(np.abs(a - r).max() / max(np.abs(r).max(), 1e-30))
-
-
 def _fmt(errs):
     return " / ".join(f"{e:.1e}" for e in errs)
+
+
+def _flag(name, value):
+    """An op keyword option as a case flag: causal=True -> "causal", window=30 -> "window30", softcap=5.0 ->
+    "softcap5"."""
+    if isinstance(value, bool):
+        return name if value else f"no-{name}"
+    return f"{name}{value:g}" if isinstance(value, float) else f"{name}{value}"
+
+
+def _bwd_flag(option):
+    return "" if option == "default" else f"bwd-{option}"
 
 
 def _correctness(shape, dtype, kw, option, quick, cache):
     """Kernel vs the float32 reference on the same inputs; bf16 within 2x the xla path's bf16 error (3x for the
     ds16 options, which round dS on purpose)."""
     b, l, h, g, k = shape
-    case = (f"b{b} h{h} g{g} l{l} k{k} {jnp.dtype(dtype).name} " + " ".join(f"{n}={v}" for n, v in kw.items())
-            + ("" if option == "default" else f" bwd={option}"))
+    case = case_str(*(_flag(nm, v) for nm, v in kw.items()), _bwd_flag(option), b=b, h=h, g=g, l=l, k=k, dtype=dtype)
     try:
         q, kk, v, ct = _inputs(b, l, h, g, k, dtype)
         key = (shape, jnp.dtype(dtype).name, tuple(sorted(kw.items())))
@@ -88,60 +87,53 @@ def _correctness(shape, dtype, kw, option, quick, cache):
             cache[key] = ref, xla
         ref, xla = cache[key]
         ours = _forward_and_grads(lambda *a: flash_attention(*a, block_sizes=BWD_OPTIONS[option], **kw), q, kk, v, ct)
-        errs = [_max_rel(o, r) for o, r in zip(ours, ref)]
+        errs = [rel_err(o, r) for o, r in zip(ours, ref)]
         if xla is None:
             tols, note = [1e-5, 1e-4, 1e-4, 1e-4], f"out / dq / dk / dv max rel err {_fmt(errs)}"
         else:
-            xla_errs = [_max_rel(x, r) for x, r in zip(xla, ref)]
+            xla_errs = [rel_err(x, r) for x, r in zip(xla, ref)]
             factor = 3 if "ds16" in option else 2
             tols = [factor * e + 1e-4 for e in xla_errs]
             note = (f"out / dq / dk / dv ours {_fmt(errs)}; xla bf16 {_fmt(xla_errs)} (tol {factor}x xla + 1e-4); "
                     "ratios " + " / ".join(f"{e / max(x, 1e-30):.2f}" for e, x in zip(errs, xla_errs)))
         worst = int(np.argmax([e / t for e, t in zip(errs, tols)]))
-        return _row(case, "correctness", max_rel_err=errs[worst], tol=tols[worst],
-                    ok=all(e <= t for e, t in zip(errs, tols)), note=note + (" [interpret]" if quick else ""))
+        return row(KERNEL, case, "correctness", max_rel_err=errs[worst], tol=tols[worst],
+                   ok=all(e <= t for e, t in zip(errs, tols)), note=note + (" [interpret]" if quick else ""))
     except Exception as e:  # noqa: BLE001 - report and go on
-        return _row(case, "correctness", ok=False, note=f"{type(e).__name__}: {str(e)[:300]}")
-
-
-def _time_ms(fn, *args, n: int):
-    jax.block_until_ready(fn(*args))  # compile and warm up
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
+        return row(KERNEL, case, "correctness", ok=False, note=failure(e))
 
 
 def _fwd_and_bwd_ms(fn, q, k, v, n, ms_fwd=None):
     """(ms forward, ms backward = ms(forward + backward) - ms(forward)); a known ms_fwd skips its timing."""
     grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2)))
     if ms_fwd is None:
-        ms_fwd = _time_ms(jax.jit(fn), q, k, v, n=n)
-    return ms_fwd, _time_ms(grad, q, k, v, n=n) - ms_fwd
+        ms_fwd = median_ms(jax.jit(fn), q, k, v, n=n)
+    return ms_fwd, median_ms(grad, q, k, v, n=n) - ms_fwd
+
+
+def _timing_case(b, l, h, k, option="default"):
+    return case_str("causal", _bwd_flag(option), b=b, h=h, l=l, k=k, dtype=jnp.bfloat16)
 
 
 def _timing(b, l, h, k, n, quick, deadline, option="default", ms_fwd=None):
-    case = f"b{b} h{h} l{l} k{k} causal bf16" + ("" if option == "default" else f" bwd={option}")
     flops_fwd = 4 * b * h * l * l * k / 2
-    row, notes, targets, met = _row(case, "timing"), [], [], []
+    out, notes, targets, met = row(KERNEL, _timing_case(b, l, h, k, option), "timing"), [], [], []
     try:
         q, kk, v, _ = _inputs(b, l, h, h, k, jnp.bfloat16)
         ours = lambda *a: flash_attention(*a, causal=True, block_sizes=BWD_OPTIONS[option])
         ms_fwd, ms_bwd = _fwd_and_bwd_ms(ours, q, kk, v, n, ms_fwd)
-        row.update(ms_fwd=ms_fwd, ms_bwd=ms_bwd, tflops=flops_fwd / ms_fwd / 1e9)
+        out.update(ms_fwd=ms_fwd, ms_bwd=ms_bwd, tflops=flops_fwd / ms_fwd / 1e9)
         notes.append(f"bwd {2.5 * flops_fwd / ms_bwd / 1e9:.0f} TFLOP/s")
     except Exception as e:  # noqa: BLE001
-        row.update(ok=False, note=f"pallas failed: {type(e).__name__}: {str(e)[:300]}")
-        return row
+        out.update(ok=False, note=f"pallas failed: {failure(e)}")
+        return out
     if option == "default":
         if time.perf_counter() < deadline:
             try:
-                row["ms_xla_fwd"], row["ms_xla_bwd"] = _fwd_and_bwd_ms(
+                out["ms_xla_fwd"], out["ms_xla_bwd"] = _fwd_and_bwd_ms(
                     lambda *a: attention(*a, causal=True, impl="xla"), q, kk, v, n)
             except Exception as e:  # noqa: BLE001
-                notes.append(f"xla failed: {type(e).__name__}: {str(e)[:200]}")
+                notes.append(f"xla failed: {failure(e, 200)}")
         try:
             if time.perf_counter() > deadline:
                 raise TimeoutError(f"skipped, past the {BUDGET_S} s budget")
@@ -154,13 +146,13 @@ def _timing(b, l, h, k, n, quick, deadline, option="default", ms_fwd=None):
                          f"bwd {ms_cudnn_bwd:.2f} ms; ours/cuDNN bwd speed {ms_cudnn_bwd / ms_bwd:.0%}")
         except Exception as e:  # noqa: BLE001 - cuDNN missing (CPU), refusing the shape, or no time left
             targets.append("fwd >= 60% cuDNN: n/a")
-            notes.append(f"cuDNN failed: {type(e).__name__}: {str(e)[:200]}")
+            notes.append(f"cuDNN failed: {failure(e, 200)}")
     ratio = ms_bwd / ms_fwd
     met.append(ratio <= 3)
     targets.append(f"bwd <= 3x fwd: {ratio:.2f}x {'ok' if met[-1] else 'MISS'}")
-    row.update(target="; ".join(targets), ok=None if quick else all(met),
+    out.update(target="; ".join(targets), ok=None if quick else all(met),
                note="; ".join(notes) + (" [interpret]" if quick else ""))
-    return row
+    return out
 
 
 def run(quick: bool = False) -> list[dict]:
@@ -184,7 +176,8 @@ def run(quick: bool = False) -> list[dict]:
         base = rows[len(checks) + options_at]
         for option in ("fused", "fused+ds16", "ds16"):
             if time.perf_counter() > deadline or base["ms_fwd"] is None:
-                rows.append(_row(f"{base['case']} bwd={option}", "timing", note="skipped (time budget or no fwd)"))
+                rows.append(row(KERNEL, _timing_case(*timings[options_at], option), "timing",
+                                note="skipped (time budget or no fwd)"))
                 continue
             rows.append(_timing(*timings[options_at], n, quick, deadline, option, base["ms_fwd"]))
     return rows

@@ -114,6 +114,23 @@ def _call(cfg, kernel, name, grid, in_specs, out_specs, out_shape, params, alias
                           name=name)
 
 
+def _query_major_specs(cfg, bq):
+    """BlockSpecs over the grid (l_pad / B_r, b * h) of the forward and the dQ kernel, query blocks last-first:
+    Q_i (or dO_i) of one head, the whole padded K / V of its kv head, the (B_r,) row statistics of L / D, and the
+    segment ids (empty without them)."""
+    h, r, kp = cfg.h, cfg.r, cfg.kp
+    nq = cfg.l_pad // bq
+    qi = lambda i: nq - 1 - i
+    q_spec = pl.BlockSpec((None, bq, None, kp), lambda i, j: (_div(j, h), qi(i), j % h, 0))
+    kv_spec = pl.BlockSpec((None, cfg.s_pad, None, kp), lambda i, j: (_div(j, h), 0, _div(j % h, r), 0))
+    stat_spec = pl.BlockSpec((None, None, bq), lambda i, j: (_div(j, h), j % h, qi(i)))
+    seg_specs = []
+    if cfg.has_segments:
+        seg_specs = [pl.BlockSpec((None, bq), lambda i, j: (_div(j, h), qi(i))),
+                     pl.BlockSpec((None, cfg.s_pad), lambda i, j: (_div(j, h), 0))]
+    return q_spec, kv_spec, stat_spec, seg_specs
+
+
 # --- forward ----------------------------------------------------------------------------------------------------
 
 def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: Config, bq: int, bk: int):
@@ -152,23 +169,15 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: Config, bq: int, bk: int):
 
 def forward(cfg: Config, q, k, v, q_seg, kv_seg):
     """(out (b, l_pad, h, kp) in q.dtype, lse2 (b, h, l_pad) float32 base-2 log-sum-exp)."""
-    b = q.shape[0]
-    h, r, kp = cfg.h, cfg.r, cfg.kp
+    b, h = q.shape[0], cfg.h
     bq, bk = _blocks(cfg)["fwd"]
-    nq = cfg.l_pad // bq
-    qi = lambda i: nq - 1 - i
-    q_spec = pl.BlockSpec((None, bq, None, kp), lambda i, j: (_div(j, h), qi(i), j % h, 0))
-    kv_spec = pl.BlockSpec((None, cfg.s_pad, None, kp), lambda i, j: (_div(j, h), 0, _div(j % h, r), 0))
-    in_specs = [q_spec, kv_spec, kv_spec]
-    args = [q, k, v]
-    if cfg.has_segments:
-        in_specs += [pl.BlockSpec((None, bq), lambda i, j: (_div(j, h), qi(i))),
-                     pl.BlockSpec((None, cfg.s_pad), lambda i, j: (_div(j, h), 0))]
-        args += [q_seg, kv_seg]
-    out_specs = [q_spec, pl.BlockSpec((None, None, bq), lambda i, j: (_div(j, h), j % h, qi(i)))]
+    q_spec, kv_spec, stat_spec, seg_specs = _query_major_specs(cfg, bq)
+    in_specs = [q_spec, kv_spec, kv_spec, *seg_specs]
+    args = [q, k, v] + ([q_seg, kv_seg] if cfg.has_segments else [])
+    out_specs = [q_spec, stat_spec]  # O_i, L_i
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, cfg.l_pad), jnp.float32)]
     kernel = functools.partial(_fwd_kernel, cfg=cfg, bq=bq, bk=bk)
-    out, lse = _call(cfg, kernel, "flash_attention_fwd", (nq, b * h), in_specs, out_specs, out_shape,
+    out, lse = _call(cfg, kernel, "flash_attention_fwd", (cfg.l_pad // bq, b * h), in_specs, out_specs, out_shape,
                      _blocks(cfg)["fwd_params"])(*args)
     return out, lse
 
@@ -279,22 +288,13 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: Conf
 
 
 def _backward_dq(cfg, q, k, v, q_seg, kv_seg, lse, delta, do, ds_dtype):
-    b = q.shape[0]
-    h, r, kp = cfg.h, cfg.r, cfg.kp
+    b, h = q.shape[0], cfg.h
     bq, bk = _blocks(cfg)["dq"]
-    nq = cfg.l_pad // bq
-    qi = lambda i: nq - 1 - i
-    q_spec = pl.BlockSpec((None, bq, None, kp), lambda i, j: (_div(j, h), qi(i), j % h, 0))
-    kv_spec = pl.BlockSpec((None, cfg.s_pad, None, kp), lambda i, j: (_div(j, h), 0, _div(j % h, r), 0))
-    stat_spec = pl.BlockSpec((None, None, bq), lambda i, j: (_div(j, h), j % h, qi(i)))
-    in_specs = [q_spec, kv_spec, kv_spec, q_spec, stat_spec, stat_spec]
-    args = [q, k, v, do, lse, delta]
-    if cfg.has_segments:
-        in_specs += [pl.BlockSpec((None, bq), lambda i, j: (_div(j, h), qi(i))),
-                     pl.BlockSpec((None, cfg.s_pad), lambda i, j: (_div(j, h), 0))]
-        args += [q_seg, kv_seg]
+    q_spec, kv_spec, stat_spec, seg_specs = _query_major_specs(cfg, bq)
+    in_specs = [q_spec, kv_spec, kv_spec, q_spec, stat_spec, stat_spec, *seg_specs]
+    args = [q, k, v, do, lse, delta] + ([q_seg, kv_seg] if cfg.has_segments else [])
     kernel = functools.partial(_dq_kernel, cfg=cfg, bq=bq, bk=bk, ds_dtype=ds_dtype)
-    return _call(cfg, kernel, "flash_attention_dq", (nq, b * h), in_specs, q_spec,
+    return _call(cfg, kernel, "flash_attention_dq", (cfg.l_pad // bq, b * h), in_specs, q_spec,
                  jax.ShapeDtypeStruct(q.shape, q.dtype), _blocks(cfg)["bwd_params"])(*args)
 
 

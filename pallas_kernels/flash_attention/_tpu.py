@@ -116,6 +116,26 @@ def _seg_specs(cfg, bq, bk, q_index, k_index):
             pl.BlockSpec((None, SUBLANES, bk), lambda *g: (k_index(*g)[0], 0, k_index(*g)[1]))]
 
 
+def _query_major_specs(cfg, bq, bk):
+    """BlockSpecs over the grid (b, h, l_pad / B_r, s_pad / B_c) of the forward and the dQ kernel: Q_i (or dO_i),
+    K_j / V_j of the head's kv head (a key block outside the visible range repeats the nearest visible one), the
+    (B_r, 128) row statistics, and the segment ids (empty without them)."""
+    nk = cfg.s_pad // bk
+
+    def kv_block(bi, hh, qi, kj):
+        lo, hi, _, _ = key_blocks(cfg, qi, bq, bk)
+        return bi, _div(hh, cfg.r), _clamp(kj, lo, hi, nk)
+
+    q_spec = pl.BlockSpec((None, None, bq, cfg.kp), lambda bi, hh, qi, kj: (bi, hh, qi, 0))
+    kv_spec = pl.BlockSpec((None, None, bk, cfg.kp), lambda *g: (*kv_block(*g), 0))
+    stat_spec = pl.BlockSpec((None, None, bq, LANES), lambda bi, hh, qi, kj: (bi, hh, qi, 0))
+    seg_specs = []
+    if cfg.has_segments:
+        seg_specs = _seg_specs(cfg, bq, bk, lambda bi, hh, qi, kj: (bi, qi),
+                               lambda *g: (kv_block(*g)[0], kv_block(*g)[2]))
+    return q_spec, kv_spec, stat_spec, seg_specs
+
+
 # --- forward ----------------------------------------------------------------------------------------------------
 
 def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: Config, bq: int, bk: int):
@@ -160,19 +180,10 @@ def forward(cfg: Config, q, k, v, q_seg, kv_seg):
     b = q.shape[0]
     bq, bk = cfg.blocks[0], cfg.blocks[1]
     nq, nk = cfg.l_pad // bq, cfg.s_pad // bk
-
-    def kv_block(bi, hh, qi, kj):
-        lo, hi, _, _ = key_blocks(cfg, qi, bq, bk)
-        return bi, _div(hh, cfg.r), _clamp(kj, lo, hi, nk)
-
-    q_spec = pl.BlockSpec((None, None, bq, cfg.kp), lambda bi, hh, qi, kj: (bi, hh, qi, 0))
-    kv_spec = pl.BlockSpec((None, None, bk, cfg.kp), lambda *g: (*kv_block(*g), 0))
-    in_specs, args = [q_spec, kv_spec, kv_spec], [q, k, v]
-    if cfg.has_segments:
-        in_specs += _seg_specs(cfg, bq, bk, lambda bi, hh, qi, kj: (bi, qi),
-                               lambda *g: (kv_block(*g)[0], kv_block(*g)[2]))
-        args += [q_seg, kv_seg]
-    out_specs = [q_spec, pl.BlockSpec((None, None, bq, LANES), lambda bi, hh, qi, kj: (bi, hh, qi, 0))]
+    q_spec, kv_spec, stat_spec, seg_specs = _query_major_specs(cfg, bq, bk)
+    in_specs = [q_spec, kv_spec, kv_spec, *seg_specs]
+    args = [q, k, v] + ([q_seg, kv_seg] if cfg.has_segments else [])
+    out_specs = [q_spec, stat_spec]  # O_i, L_i
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, cfg.h, cfg.l_pad, LANES), jnp.float32)]
     scratch = [pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
@@ -277,19 +288,9 @@ def _backward_dq(cfg, q, k, v, q_seg, kv_seg, lse, delta, do):
     b = q.shape[0]
     bq, bk = cfg.blocks[4], cfg.blocks[5]
     nq, nk = cfg.l_pad // bq, cfg.s_pad // bk
-
-    def kv_block(bi, hh, qi, kj):
-        lo, hi, _, _ = key_blocks(cfg, qi, bq, bk)
-        return bi, _div(hh, cfg.r), _clamp(kj, lo, hi, nk)
-
-    q_spec = pl.BlockSpec((None, None, bq, cfg.kp), lambda bi, hh, qi, kj: (bi, hh, qi, 0))
-    kv_spec = pl.BlockSpec((None, None, bk, cfg.kp), lambda *g: (*kv_block(*g), 0))
-    stat_spec = pl.BlockSpec((None, None, bq, LANES), lambda bi, hh, qi, kj: (bi, hh, qi, 0))
-    in_specs, args = [q_spec, kv_spec, kv_spec, q_spec, stat_spec, stat_spec], [q, k, v, do, lse, delta]
-    if cfg.has_segments:
-        in_specs += _seg_specs(cfg, bq, bk, lambda bi, hh, qi, kj: (bi, qi),
-                               lambda *g: (kv_block(*g)[0], kv_block(*g)[2]))
-        args += [q_seg, kv_seg]
+    q_spec, kv_spec, stat_spec, seg_specs = _query_major_specs(cfg, bq, bk)
+    in_specs = [q_spec, kv_spec, kv_spec, q_spec, stat_spec, stat_spec, *seg_specs]
+    args = [q, k, v, do, lse, delta] + ([q_seg, kv_seg] if cfg.has_segments else [])
     kernel = functools.partial(_dq_kernel, cfg=cfg, bq=bq, bk=bk)
     return _call(cfg, kernel, "flash_attention_dq", (b, cfg.h, nq, nk), in_specs, q_spec,
                  jax.ShapeDtypeStruct(q.shape, q.dtype), [pltpu.VMEM((bq, cfg.kp), jnp.float32)],

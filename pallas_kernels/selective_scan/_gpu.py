@@ -43,20 +43,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from pallas_kernels._common import compiler_params, interpret_arg
+from pallas_kernels.selective_scan._math import ddt_of, delta_of, dz_of, silu_gate, unpack
 from pallas_kernels.selective_scan._plan import Plan
 
 LOG2E = math.log2(math.e)
 _SQ = pl.squeezed
 F32 = jnp.float32
-
-
-def _softplus(v):
-    """log(1 + e^v) in the overflow-free form jax.nn.softplus uses."""
-    return jnp.maximum(v, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(v)))
-
-
-def _sigmoid(v):
-    return 1.0 / (1.0 + jnp.exp(-v))
 
 
 def _barrier(p: Plan):
@@ -65,22 +57,13 @@ def _barrier(p: Plan):
         pltr.debug_barrier()
 
 
-def _unpack(refs, names):
-    """Kernel refs in `names` order; a name that is None (flag off) has no ref and maps to None."""
-    it = iter(refs)
-    return [None if nm is None else next(it) for nm in names]
-
-
 def _delta_tile(p: Plan, c, dt_ref, bias):
     """(v, delta) for chunk c as (T, block_d) tiles; delta = 0 on steps past l (inert padding)."""
     T = p.T
     v = dt_ref[pl.ds(c * T, T), :].astype(F32)
     if bias is not None:
         v = v + bias[None, :]
-    delta = _softplus(v) if p.softplus else v
-    if p.padded_steps:
-        delta = jnp.where((c * T + lax.broadcasted_iota(jnp.int32, delta.shape, 0)) < p.l, delta, 0.0)
-    return v, delta
+    return v, delta_of(p, c, v)
 
 
 def _stage_bc(p: Plan, c, B_ref, C_ref, bc_ref):
@@ -106,7 +89,7 @@ def _fwd_kernel(*refs, p: Plan, stage_bc: bool):
     names = ("x", "dt", "A", "B", "C", p.has_D or None, p.has_z or None, p.has_bias or None, p.has_h0 or None,
              p.has_keep or None, "y", "hc", "hT", "ws", stage_bc or None)
     (x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref, z_ref, bias_ref, h0_ref, keep_ref,
-     y_ref, hc_ref, hT_ref, ws_ref, bc_ref) = _unpack(refs, names)
+     y_ref, hc_ref, hT_ref, ws_ref, bc_ref) = unpack(refs, names)
     T, U = p.T, p.bs.unroll
     A2 = A_ref[...] * LOG2E  # exp(delta A) = exp2(delta A log2 e)
     bias = None if bias_ref is None else bias_ref[...]
@@ -138,7 +121,7 @@ def _fwd_kernel(*refs, p: Plan, stage_bc: bool):
             y = y + D_ref[...][None, :] * x_ref[pl.ds(c * T, T), :].astype(F32)
         if z_ref is not None:
             zt = z_ref[pl.ds(c * T, T), :].astype(F32)
-            y = y * zt * _sigmoid(zt)
+            y = silu_gate(y, zt)
         y_ref[pl.ds(c * T, T), :] = y.astype(y_ref.dtype)
         _barrier(p)  # the next chunk overwrites the workspace
         return h
@@ -242,7 +225,7 @@ def _bwd_tiles_in(p: Plan, c, x_ref, dt_ref, dy_ref, z_ref, bias, ws_ref):
     gy = dy_ref[pl.ds(c * T, T), :].astype(F32)
     if z_ref is not None:
         zt = z_ref[pl.ds(c * T, T), :].astype(F32)
-        gy = gy * zt * _sigmoid(zt)
+        gy = silu_gate(gy, zt)
     ws_ref[2] = gy
 
 
@@ -260,19 +243,13 @@ def _bwd_tiles_out(p: Plan, c, refs, Dv, bias, acc):
         dx = dx + Dv[None, :] * gy
         dD = dD + jnp.sum(gy * x, axis=0)
     dx_ref[rows, :] = dx.astype(dx_ref.dtype)
-    ddt = x * dhB + ws_ref[4]
-    if p.softplus:
-        ddt = ddt * _sigmoid(v)
-    if p.padded_steps:  # delta is the constant 0 there
-        ddt = jnp.where((c * T + lax.broadcasted_iota(jnp.int32, ddt.shape, 0)) < p.l, ddt, 0.0)
+    ddt = ddt_of(p, c, x * dhB + ws_ref[4], v)
     ddt_ref[rows, :] = ddt.astype(ddt_ref.dtype)
     if bias is not None:
         dbias = dbias + jnp.sum(ddt, axis=0)
     if z_ref is not None:
-        zt = z_ref[rows, :].astype(F32)
-        sig = _sigmoid(zt)
         y = ws_ref[5] if Dv is None else ws_ref[5] + Dv[None, :] * x
-        dz_ref[rows, :] = (dy_ref[rows, :].astype(F32) * y * sig * (1.0 + zt * (1.0 - sig))).astype(dz_ref.dtype)
+        dz_ref[rows, :] = dz_of(dy_ref[rows, :].astype(F32), y, z_ref[rows, :].astype(F32)).astype(dz_ref.dtype)
     return dD, dbias
 
 
@@ -282,7 +259,7 @@ def _bwd_kernel(*refs, p: Plan, stage_bc: bool):
              p.has_bias or None, "dh0", "hs", "ws", stage_bc or None)
     (x_ref, dt_ref, A_ref, B_ref, C_ref, hc_ref, dy_ref, dhT_ref, D_ref, z_ref, bias_ref, keep_ref,
      dx_ref, ddt_ref, dz_ref, dB_ref, dC_ref, dA_ref, dD_ref, dbias_ref, dh0_ref, hs_ref, ws_ref, bc_ref) = \
-        _unpack(refs, names)
+        unpack(refs, names)
     T, Ts = p.T, p.bs.sub_chunk
     S = T // Ts
     A = A_ref[...]

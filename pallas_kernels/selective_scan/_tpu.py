@@ -31,23 +31,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._common import compiler_params, interpret_arg
+from pallas_kernels.selective_scan._math import ddt_of, delta_of, dz_of, silu_gate, unpack
 from pallas_kernels.selective_scan._plan import Plan
 
 _SQ = pl.squeezed
 F32 = jnp.float32
-
-
-def _softplus(v):
-    return jnp.maximum(v, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(v)))
-
-
-def _sigmoid(v):
-    return 1.0 / (1.0 + jnp.exp(-v))
-
-
-def _unpack(refs, names):
-    it = iter(refs)
-    return [None if nm is None else next(it) for nm in names]
 
 
 def _column(tile, t):
@@ -61,10 +49,7 @@ def _delta_tile(p: Plan, c, dt_ref, bias_ref):
     v = dt_ref[...].astype(F32)
     if bias_ref is not None:
         v = v + bias_ref[...]
-    delta = _softplus(v) if p.softplus else v
-    if p.padded_steps:
-        delta = jnp.where(c * p.T + lax.broadcasted_iota(jnp.int32, delta.shape, 0) < p.l, delta, 0.0)
-    return v, delta
+    return v, delta_of(p, c, v)
 
 
 def _decay(t, delta_s, A, keep_ref):
@@ -90,7 +75,7 @@ def _fwd_kernel(*refs, p: Plan):
     names = ("x", "dt", "A", "B", "C", p.has_D or None, p.has_z or None, p.has_bias or None, p.has_h0 or None,
              p.has_keep or None, "y", "hc", "hT", "h_s", "delta_s", "dx_s", "y_s")
     (x_ref, dt_ref, A_ref, B_ref, C_ref, D_ref, z_ref, bias_ref, h0_ref, keep_ref,
-     y_ref, hc_ref, hT_ref, h_s, delta_s, dx_s, y_s) = _unpack(refs, names)
+     y_ref, hc_ref, hT_ref, h_s, delta_s, dx_s, y_s) = unpack(refs, names)
     c = pl.program_id(2)
 
     @pl.when(c == 0)
@@ -115,7 +100,7 @@ def _fwd_kernel(*refs, p: Plan):
         y = y + D_ref[...] * x_ref[...].astype(F32)
     if z_ref is not None:
         zt = z_ref[...].astype(F32)
-        y = y * zt * _sigmoid(zt)
+        y = silu_gate(y, zt)
     y_ref[...] = y.astype(y_ref.dtype)
 
     @pl.when(c == p.nc - 1)
@@ -135,10 +120,11 @@ def _layout_in(p: Plan, A, B, C, D, bias, h0, keep):
 def _specs(p: Plan, bd: int, reverse: bool):
     """BlockSpecs over the grid (b, Dp / bd, nc); with reverse, chunk c of the grid is chunk nc - 1 - c."""
     bpg = p.e_pad // bd
+    # lax.div, not //: the index is >= 0, and Mosaic lowers floor division through a chip-generation query
     ch = (lambda c: p.nc - 1 - c) if reverse else (lambda c: c)
     return dict(
         tile=pl.BlockSpec((_SQ, p.T, bd), lambda i, j, c: (i, ch(c), j)),
-        grp=pl.BlockSpec((_SQ, _SQ, _SQ, p.Np, p.T), lambda i, j, c: (i, j // bpg, ch(c), 0, 0)),
+        grp=pl.BlockSpec((_SQ, _SQ, _SQ, p.Np, p.T), lambda i, j, c: (i, lax.div(j, bpg), ch(c), 0, 0)),
         mat=pl.BlockSpec((p.Np, bd), lambda i, j, c: (0, j)),
         vec=pl.BlockSpec((1, bd), lambda i, j, c: (0, j)),
         st=pl.BlockSpec((_SQ, p.Np, bd), lambda i, j, c: (i, 0, j)),
@@ -214,19 +200,13 @@ def _bwd_tiles_out(p: Plan, c, refs, x, v, delta, dy, gy):
         dxt = dxt + D_ref[...] * gy
         dD_s[...] += jnp.sum(gy * x, axis=0, keepdims=True)
     dx_ref[...] = dxt.astype(dx_ref.dtype)
-    ddt = x * dhB + dAsum_s[...]
-    if p.softplus:
-        ddt = ddt * _sigmoid(v)
-    if p.padded_steps:  # delta is the constant 0 there
-        ddt = jnp.where(c * p.T + lax.broadcasted_iota(jnp.int32, ddt.shape, 0) < p.l, ddt, 0.0)
+    ddt = ddt_of(p, c, x * dhB + dAsum_s[...], v)
     ddt_ref[...] = ddt.astype(ddt_ref.dtype)
     if p.has_bias:
         dbias_s[...] += jnp.sum(ddt, axis=0, keepdims=True)
     if z_ref is not None:
-        zt = z_ref[...].astype(F32)
-        sig = _sigmoid(zt)
         y = y_s[...] if D_ref is None else y_s[...] + D_ref[...] * x
-        dz_ref[...] = (dy * y * sig * (1.0 + zt * (1.0 - sig))).astype(dz_ref.dtype)
+        dz_ref[...] = dz_of(dy, y, z_ref[...].astype(F32)).astype(dz_ref.dtype)
 
 
 def _bwd_kernel(*refs, p: Plan):
@@ -236,7 +216,7 @@ def _bwd_kernel(*refs, p: Plan):
              "dhB_s", "dAsum_s", "y_s")
     (x_ref, dt_ref, A_ref, B_ref, C_ref, hc_ref, dy_ref, dhT_ref, D_ref, z_ref, bias_ref, keep_ref,
      dx_ref, ddt_ref, dz_ref, dB_ref, dC_ref, dA_ref, dD_ref, dbias_ref, dh0_ref,
-     dh_s, dA_s, dD_s, dbias_s, hs_s, delta_s, dx_s, gy_s, dhB_s, dAsum_s, y_s) = _unpack(refs, names)
+     dh_s, dA_s, dD_s, dbias_s, hs_s, delta_s, dx_s, gy_s, dhB_s, dAsum_s, y_s) = unpack(refs, names)
     i = pl.program_id(2)
     c = p.nc - 1 - i  # the chunk this grid step works on
 
@@ -251,7 +231,7 @@ def _bwd_kernel(*refs, p: Plan):
     v, delta = _delta_tile(p, c, dt_ref, bias_ref)
     delta_s[...] = delta
     dx_s[...] = delta * x
-    gy = dy if z_ref is None else dy * z_ref[...].astype(F32) * _sigmoid(z_ref[...].astype(F32))
+    gy = dy if z_ref is None else silu_gate(dy, z_ref[...].astype(F32))
     gy_s[...] = gy
     Bt = B_ref[...].astype(F32)
     hs_s[0] = hc_ref[...]

@@ -61,18 +61,27 @@ def chunk_decays(a, seg, Q):
     cum = jnp.cumsum(a)
     last = jnp.sum(jnp.where(iq == Q - 1, cum, 0.0))
     keep = iq[:, None] >= iq[None, :]
+    bounds = None
     if seg is not None:
         r, r0 = seg
-        r_last = jnp.max(r)
         keep = keep & (r[:, None] == r[None, :])
+        bounds = (r, r0, jnp.max(r))
     diff = jnp.where(keep, cum[:, None] - cum[None, :], 0.0)  # masked first: no overflow above the diagonal
     L = jnp.where(keep, jnp.exp(diff), 0.0)
+    return (L, *boundary_decays(cum, last, bounds))
+
+
+def boundary_decays(cum, last, bounds):
+    """(win, wout, carry) = (exp(cum), exp(last - cum), exp(last)), each 0 across a segment start: `bounds` =
+    (r, r0, r_last), the steps' segment indices, the one S_prev belongs to and the chunk's last, or None. Shared
+    with the TPU variant: any shapes that broadcast against cum (1-D here, (Q, 1) columns there)."""
     win, wout, carry = jnp.exp(cum), jnp.exp(last - cum), jnp.exp(last)
-    if seg is not None:
+    if bounds is not None:
+        r, r0, r_last = bounds
         win = jnp.where(r == r0, win, 0.0)
         wout = jnp.where(r == r_last, wout, 0.0)
         carry = jnp.where(r_last == r0, carry, 0.0)
-    return L, win, wout, carry
+    return win, wout, carry
 
 
 def _split_refs(refs, n_in_fixed, seg, n_out):
@@ -80,6 +89,21 @@ def _split_refs(refs, n_in_fixed, seg, n_out):
     rest = list(refs[n_in_fixed:])
     segs = (rest.pop(0), rest.pop(0)) if seg else None
     return ins, segs, rest[:n_out], rest[n_out:]
+
+
+def _specs(x, B, bp, nc):
+    """BlockSpecs over the grid (b, h, Pp / bp) that the forward and the backward share: x-like (Lp, bp) slabs,
+    the head's (Lp,) vectors, its group's (Lp, Np) rows of B / C, its (bp,) block of D, a (bp, Np) state slice,
+    the nc chunk-start states of that slice, and the two segment-index rows (Lp,)."""
+    Lp, h, g, Np = x.shape[1], x.shape[2], B.shape[2], B.shape[3]
+    hg = h // g
+    return dict(x=pl.BlockSpec((None, Lp, None, bp), lambda i, j, k: (i, 0, j, k)),
+                head_l=pl.BlockSpec((None, None, Lp), lambda i, j, k: (i, j, 0)),
+                group=pl.BlockSpec((None, Lp, None, Np), lambda i, j, k: (i, 0, lax.div(j, hg), 0)),
+                D=pl.BlockSpec((None, bp), lambda i, j, k: (j, k)),
+                state=pl.BlockSpec((None, None, bp, Np), lambda i, j, k: (i, j, k, 0)),
+                states=pl.BlockSpec((None, None, nc, bp, Np), lambda i, j, k: (i, j, 0, k, 0)),
+                seg=[pl.BlockSpec((None, Lp), lambda i, j, k: (i, 0))] * 2)
 
 
 # --- forward ---------------------------------------------------------------------------------------------
@@ -111,25 +135,21 @@ def _fwd_kernel(*refs, Q, nc, seg, save, mm, ss, sm):
 def forward(cfg, x, delta, a, B, C, D, S0, r, r0, *, save_states):
     """y (b, Lp, h, Pp) in cfg.out_dtype, S_final (b, h, Pp, Np) f32, and the chunk-start states (or None)."""
     b, Lp, h, Pp = x.shape
-    g, Np = B.shape[2], B.shape[3]
-    Q, bp, hg = cfg.chunk, cfg.block_p, h // g
+    Np = B.shape[3]
+    Q, bp = cfg.chunk, cfg.block_p
     nc, npb = Lp // Q, Pp // bp
     seg = r is not None
-    per_x = pl.BlockSpec((None, Lp, None, bp), lambda i, j, k: (i, 0, j, k))
-    per_head_l = pl.BlockSpec((None, None, Lp), lambda i, j, k: (i, j, 0))
-    per_group = pl.BlockSpec((None, Lp, None, Np), lambda i, j, k: (i, 0, lax.div(j, hg), 0))
-    per_state = pl.BlockSpec((None, None, bp, Np), lambda i, j, k: (i, j, k, 0))
-    in_specs = [per_x, per_head_l, per_head_l, per_group, per_group,
-                pl.BlockSpec((None, bp), lambda i, j, k: (j, k)), per_state]
+    sp = _specs(x, B, bp, nc)
+    in_specs = [sp["x"], sp["head_l"], sp["head_l"], sp["group"], sp["group"], sp["D"], sp["state"]]
     args = [x, delta, a, B, C, D, S0]
     if seg:
-        in_specs += [pl.BlockSpec((None, Lp), lambda i, j, k: (i, 0))] * 2
+        in_specs += sp["seg"]
         args += [r, r0]
     out_shape = [jax.ShapeDtypeStruct((b, Lp, h, Pp), cfg.out_dtype), jax.ShapeDtypeStruct((b, h, Pp, Np), F32)]
-    out_specs = [per_x, per_state]
+    out_specs = [sp["x"], sp["state"]]
     if save_states:  # chunk-start states for the backward
         out_shape.append(jax.ShapeDtypeStruct((b, h, nc, Pp, Np), F32))
-        out_specs.append(pl.BlockSpec((None, None, nc, bp, Np), lambda i, j, k: (i, j, 0, k, 0)))
+        out_specs.append(sp["states"])
     kernel = functools.partial(_fwd_kernel, Q=Q, nc=nc, seg=seg, save=save_states, mm=cfg.mm,
                                ss=cfg.split_state, sm=cfg.split_m)
     outs = pl.pallas_call(
@@ -210,16 +230,12 @@ def backward(cfg, x, delta, a, B, C, D, states, r, r0, dy, dSf):
     Q, bp, hg = cfg.chunk, cfg.block_p_bwd, h // g
     nc, npb = Lp // Q, Pp // bp
     seg = r is not None
-    per_x = pl.BlockSpec((None, Lp, None, bp), lambda i, j, k: (i, 0, j, k))
-    per_head_l = pl.BlockSpec((None, None, Lp), lambda i, j, k: (i, j, 0))
-    per_group = pl.BlockSpec((None, Lp, None, Np), lambda i, j, k: (i, 0, lax.div(j, hg), 0))
-    per_state = pl.BlockSpec((None, None, bp, Np), lambda i, j, k: (i, j, k, 0))
-    in_specs = [per_x, per_head_l, per_head_l, per_group, per_group,
-                pl.BlockSpec((None, bp), lambda i, j, k: (j, k)),
-                pl.BlockSpec((None, None, nc, bp, Np), lambda i, j, k: (i, j, 0, k, 0)), per_x, per_state]
+    sp = _specs(x, B, bp, nc)
+    in_specs = [sp["x"], sp["head_l"], sp["head_l"], sp["group"], sp["group"], sp["D"], sp["states"], sp["x"],
+                sp["state"]]
     args = [x, delta, a, B, C, D, states, dy, dSf]
     if seg:
-        in_specs += [pl.BlockSpec((None, Lp), lambda i, j, k: (i, 0))] * 2
+        in_specs += sp["seg"]
         args += [r, r0]
     per_prog_l = pl.BlockSpec((None, None, None, Lp), lambda i, j, k: (i, j, k, 0))
     per_prog_n = pl.BlockSpec((None, Lp, None, Np), lambda i, j, k: (i, 0, j * npb + k, 0))
@@ -227,8 +243,8 @@ def backward(cfg, x, delta, a, B, C, D, states, r, r0, dy, dSf):
     out_shape += [jax.ShapeDtypeStruct((b, h, npb, Lp), F32)] * 2
     out_shape += [jax.ShapeDtypeStruct((b, Lp, h * npb, Np), F32)] * 2
     out_shape += [jax.ShapeDtypeStruct((b, h, Pp), F32), jax.ShapeDtypeStruct((b, h, Pp, Np), F32)]
-    out_specs = [per_x, per_prog_l, per_prog_l, per_prog_n, per_prog_n,
-                 pl.BlockSpec((None, None, bp), lambda i, j, k: (i, j, k)), per_state]
+    out_specs = [sp["x"], per_prog_l, per_prog_l, per_prog_n, per_prog_n,
+                 pl.BlockSpec((None, None, bp), lambda i, j, k: (i, j, k)), sp["state"]]
     kernel = functools.partial(_bwd_kernel, Q=Q, nc=nc, seg=seg, mm=cfg.mm, ss=cfg.split_state,
                                sd=cfg.split_dy, sm=cfg.split_m)
     dx, ddx, da, dB, dC, dD, dS0 = pl.pallas_call(

@@ -21,7 +21,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels._common import compiler_params, interpret_arg
-from pallas_kernels.ssd._gpu import dot
+from pallas_kernels.ssd._gpu import boundary_decays, dot
 
 F32 = jnp.float32
 
@@ -44,17 +44,13 @@ def chunk_decays(a_row, seg, Q):
     cum_row = _to_row(cum, Q)  # (1, Q), the same numbers
     last = jnp.sum(jnp.where(i[:, :1] == Q - 1, cum, 0.0), axis=0, keepdims=True)  # (1, 1)
     keep = i >= j
+    bounds = None
     if seg is not None:
         r, r_row, r0 = seg
-        r_last = jnp.max(r, axis=0, keepdims=True)
         keep = keep & (r == r_row)
+        bounds = (r, r0, jnp.max(r, axis=0, keepdims=True))
     L = jnp.where(keep, jnp.exp(jnp.where(keep, cum - cum_row, 0.0)), 0.0)
-    win, wout, carry = jnp.exp(cum), jnp.exp(last - cum), jnp.exp(last)
-    if seg is not None:
-        win = jnp.where(r == r0, win, 0.0)
-        wout = jnp.where(r == r_last, wout, 0.0)
-        carry = jnp.where(r_last == r0, carry, 0.0)
-    return L, win, wout, carry
+    return (L, *boundary_decays(cum, last, bounds))
 
 
 def _seg(seg_refs):
