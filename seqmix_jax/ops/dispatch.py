@@ -8,10 +8,13 @@
   auto         pallas on GPU/TPU when a kernel supports the call, otherwise xla.
 Policy (as levanter): an explicitly requested backend that cannot run raises ValueError with the reason;
 "auto" falls back to xla and warns once per (op, reason).
+SEQMIX_AUTO_PALLAS=0 in the environment makes "auto" mean xla everywhere (read at each call, i.e. at trace time):
+the switch to keep a GPU/TPU run on the XLA paths without touching code; `impl="pallas"` still runs the kernels.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Callable, Literal
 
@@ -43,7 +46,8 @@ def resolve_impl(op: str, impl: str, allowed: tuple[str, ...], **call) -> str:
         return "pallas"
     if impl != "auto":
         return impl
-    if "pallas" in allowed and jax.default_backend() in ("gpu", "cuda", "rocm", "tpu"):
+    if "pallas" in allowed and jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") and \
+            os.environ.get("SEQMIX_AUTO_PALLAS", "1") != "0":
         reason = _pallas_unavailable(op, **call)
         if reason is None:
             return "pallas"

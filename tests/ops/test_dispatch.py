@@ -119,6 +119,19 @@ def test_auto_never_picks_pallas_for_a_call_that_lists_no_pallas_path(monkeypatc
     assert resolve_impl("myop", "auto", ("reference", "xla")) == "xla"
 
 
+def test_environment_switch_keeps_auto_on_xla(monkeypatch):
+    monkeypatch.setattr(dispatch, "_PALLAS_SUPPORT", {})
+    monkeypatch.setattr(dispatch.jax, "default_backend", lambda: "tpu")
+    dispatch.register_pallas("myop", lambda **_: None)
+    monkeypatch.setenv("SEQMIX_AUTO_PALLAS", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a deliberate choice, not a fallback: no warning
+        assert resolve_impl("myop", "auto", ("xla", "pallas")) == "xla"
+    assert resolve_impl("myop", "pallas", ("xla", "pallas")) == "pallas"
+    monkeypatch.setenv("SEQMIX_AUTO_PALLAS", "1")
+    assert resolve_impl("myop", "auto", ("xla", "pallas")) == "pallas"
+
+
 def test_ops_without_a_kernel_refuse_pallas(rng):
     f = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
     with pytest.raises(ValueError, match=r"^impl='pallas' cannot run fftconv: no Pallas kernel"):
