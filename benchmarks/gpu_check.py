@@ -119,6 +119,7 @@ def main(argv=None) -> int:
         part = run_part(kernel, args.quick)
         print(f"{kernel}: {len(part)} rows in {time.perf_counter() - t0:.1f} s", flush=True)
         rows += part
+        write_json(args.out, rows, dict(info, partial=True))  # a run killed by a timeout keeps what it measured
     rows += ssd_vs_scan(rows)
     info["wall_s"] = round(time.perf_counter() - start, 1)
     print(report(rows, info))
