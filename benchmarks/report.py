@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import bench_decode, bench_generate, bench_memory, bench_selective_scan, bench_seqops, bench_ssd, probe_ssd  # noqa: E402
-from benchmarks import bench_moe, bench_train, gpu_check  # noqa: E402
+from benchmarks import bench_moe, bench_train, gpu_check, triton_ptx_check  # noqa: E402
 from benchmarks.harness import RESULTS  # noqa: E402
 
 SECTIONS = (("selective_scan.json", bench_selective_scan, "Mamba-1 selective scan (bench_selective_scan.py)"),
@@ -26,7 +26,8 @@ SECTIONS = (("selective_scan.json", bench_selective_scan, "Mamba-1 selective sca
             ("generate.json", bench_generate, "Generation vs transformers (bench_generate.py)"),
             ("train.json", bench_train, "Training vs a PyTorch loop, 1 vs 8 devices, checkpoints (bench_train.py)"),
             ("moe.json", bench_moe, "Mixture of experts: dispatch paths, drops, memory (bench_moe.py)"),
-            ("gpu_check.json", gpu_check, "Pallas kernels on the device (gpu_check.py)"))
+            ("gpu_check.json", gpu_check, "Pallas kernels on the device (gpu_check.py)"),
+            ("triton_ptx.json", triton_ptx_check, "Pallas GPU kernels compiled for sm_90a on the CPU (triton_ptx_check.py)"))
 
 
 def describe(meta):
