@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int
 
+from pallas_kernels.selective_scan import entry as scan_kernel
 from seqmix_jax.ops import _checks as ck
 from seqmix_jax.ops.dispatch import Impl, register_pallas, resolve_impl
 from seqmix_jax.ops.segments import check_segment_ids, segment_starts
@@ -75,8 +76,7 @@ def selective_scan(x: Float[Array, "b l d"], dt: Float[Array, "b l d"], A: Float
     path = resolve_impl("selective_scan", impl, ("reference", "associative", "xla", "pallas"), x=x, dt=dt, A=A, B=B,
                         C=C, D=D, z=z, dt_bias=dt_bias, initial_state=initial_state, segment_ids=segment_ids)
     if path == "pallas":
-        from pallas_kernels.selective_scan import entry as kernel  # imported on use: Pallas loads slowly
-        return kernel.selective_scan(x, dt, A, B, C, D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+        return scan_kernel.selective_scan(x, dt, A, B, C, D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
                                      initial_state=initial_state, return_final_state=return_final_state,
                                      segment_ids=segment_ids)
     f32 = lambda a: a.astype(jnp.float32)
@@ -263,8 +263,7 @@ def _validate(x, dt, A, B, C, D, z, dt_bias, initial_state, segment_ids):
 
 def _pallas_supports(**call) -> str | None:
     """Whether the Pallas kernel takes this call (the op's arguments by name): None, or the reason it cannot."""
-    from pallas_kernels.selective_scan import entry as kernel
-    return kernel.supports(**call)
+    return scan_kernel.supports(**call)
 
 
 register_pallas("selective_scan", _pallas_supports)
