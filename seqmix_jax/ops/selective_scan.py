@@ -36,6 +36,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 from jaxtyping import Array, Float, Int
 
 from pallas_kernels.selective_scan import entry as scan_kernel
@@ -131,22 +132,38 @@ def selective_state_update(state, x, dt, A, B, C, D=None, *, z=None, dt_bias=Non
 
 # --- the three paths. Shapes: u, delta (b, l, d); B, C (b, l, g, n); A (d, n); h (b, d, n);
 #     keep (b, l) float, 0 at segment starts, or None.
-# Everything stays 3-D (b, d, n): a (b, g, e, n) layout, even with g = 1, made XLA:CPU's backward ~3x slower.
+# The reference and associative paths keep the state as (b, d, n) (a (b, g, e, n) layout, even with g = 1, made
+# XLA:CPU's backward ~3x slower). The xla path's forward holds it as (b, n, d) instead; see `_scan_chunked_block`.
 
-def _per_channel(Bt, d):
-    """(b, g, n) group rows -> (b, d, n) (or (b, 1, n) when g = 1, broadcast): channel c uses group c // (d / g)."""
-    g = Bt.shape[1]
-    return Bt if g == 1 else jnp.repeat(Bt, d // g, axis=1)
+def _per_channel(Bt, d, state_last=True):
+    """Group rows (..., g, n) -> per-channel rows: channel c uses group c // (d / g). state_last: (..., d, n), else
+    (..., n, d); with g = 1 the channel axis has size 1 (broadcast)."""
+    g = Bt.shape[-2]
+    if not state_last:
+        Bt = jnp.swapaxes(Bt, -1, -2)
+    return Bt if g == 1 else jnp.repeat(Bt, d // g, axis=-2 if state_last else -1)
 
 
 def _step(A, h, inp):
+    """h (..., d, n), A (d, n); inputs u, delta (..., d), Bt, Ct (..., g, n), keep (...) or None."""
     u, delta, Bt, Ct, keep = inp
     dA = jnp.exp(delta[..., None] * A)
     if keep is not None:
-        dA = dA * keep[:, None, None]
+        dA = dA * keep[..., None, None]
     d = u.shape[-1]
     h = dA * h + (delta * u)[..., None] * _per_channel(Bt, d)
     return h, jnp.sum(h * _per_channel(Ct, d), axis=-1)
+
+
+def _step_channels_last(A_t, h, inp):
+    """`_step` on h (..., n, d) with A_t = A.T (n, d): the channel axis is the vectorized one."""
+    u, delta, Bt, Ct, keep = inp
+    dA = jnp.exp(delta[..., None, :] * A_t)
+    if keep is not None:
+        dA = dA * keep[..., None, None]
+    d = u.shape[-1]
+    h = dA * h + (delta * u)[..., None, :] * _per_channel(Bt, d, state_last=False)
+    return h, jnp.sum(h * _per_channel(Ct, d, state_last=False), axis=-2)
 
 
 def _time_major(*arrays):
@@ -207,7 +224,52 @@ def _scan_chunked(A, u, delta, B, C, keep, h0, chunk_size):
     return merge(ys, 2), merge(h, 1)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _scan_chunked_block(A, u, delta, B, C, keep, h0, chunk_size):
+    """The xla path on one block of channels. Its forward runs `_chunks(channels_last=True)`; differentiated, it runs
+    `_chunks(channels_last=False)` and that function's VJP, because XLA:CPU compiles the two layouts' programs very
+    differently (benchmarks/bench_selective_scan.py, d 512, n 16, l 512, medians): the forward with the state as
+    (b, n, d) is 2.2x (b = 8) to 8.5x (b = 1) faster than with (b, d, n), while the backward of the (b, n, d) program
+    is ~1.3x slower at b = 8. Forward-mode differentiation (jvp) of this path is therefore not available."""
+    return _chunks(A, u, delta, B, C, keep, h0, chunk_size, channels_last=True)
+
+
+def _scan_chunked_block_fwd(A, u, delta, B, C, keep, h0, chunk_size):
+    # symbolic_zeros: every argument comes as CustomVJPPrimal(value, perturbed). Only the perturbed ones are
+    # differentiated, as plain autodiff would (a dh0 nobody asked for cost ~8% of the backward).
+    args = (A, u, delta, B, C, keep, h0)  # keep may be None (no segments)
+    values = [None if a is None else a.value for a in args]
+    wanted = [i for i, a in enumerate(args) if a is not None and a.perturbed]
+
+    def forward(*diff):
+        full = list(values)
+        for i, v in zip(wanted, diff):
+            full[i] = v
+        return _chunks(*full, chunk_size=chunk_size, channels_last=False)
+
+    out, vjp = jax.vjp(forward, *(values[i] for i in wanted))
+    # Which arguments were differentiated, kept in the residual's tree structure (None leaves are dropped).
+    mask = tuple(jnp.zeros((0,)) if i in wanted else None for i in range(len(values)))
+    return out, (vjp, mask)
+
+
+def _scan_chunked_block_bwd(chunk_size, residual, cotangents):
+    del chunk_size
+    vjp, mask = residual
+    cts = jax.tree.map(lambda c: jnp.zeros(c.shape, c.dtype) if isinstance(c, SymbolicZero) else c, cotangents,
+                       is_leaf=lambda c: isinstance(c, SymbolicZero))
+    grads = iter(vjp(cts))
+    return tuple(next(grads) if m is not None else None for m in mask)
+
+
+_scan_chunked_block.defvjp(_scan_chunked_block_fwd, _scan_chunked_block_bwd, symbolic_zeros=True)
+
+
+def _chunks(A, u, delta, B, C, keep, h0, chunk_size, channels_last):
+    """Sequential scan over chunks of T = chunk_size steps, each chunk's body rematerialized (`jax.checkpoint`).
+
+    channels_last: the carried state is (b, n, d) instead of (b, d, n). With b = 1 the batch axis is dropped inside
+    the loop: XLA:CPU runs a loop whose carry has a size-1 axis several times slower (3-8x measured)."""
     b, l = u.shape[:2]
     T = min(chunk_size, l)
     nc = -(-l // T)
@@ -217,16 +279,26 @@ def _scan_chunked_block(A, u, delta, B, C, keep, h0, chunk_size):
         padder = lambda a, v=0.0: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2), constant_values=v)
         u, delta, B, C = map(padder, (u, delta, B, C))
         keep = None if keep is None else padder(keep, 1.0)
-
-    def chunks(a):  # (b, nc*T, ...) -> (nc, T, b, ...)
-        return None if a is None else jnp.moveaxis(a.reshape(b, nc, T, *a.shape[2:]), (1, 2), (0, 1))
+    if channels_last:
+        A, h0 = A.T, jnp.swapaxes(h0, 1, 2)
+    if b == 1:
+        h0 = h0[0]
+        chunks = lambda a: None if a is None else a[0].reshape(nc, T, *a.shape[2:])  # (nc, T, ...)
+    else:
+        chunks = lambda a: None if a is None else jnp.moveaxis(a.reshape(b, nc, T, *a.shape[2:]), (1, 2), (0, 1))
+    step = functools.partial(_step_channels_last if channels_last else _step, A)
 
     @jax.checkpoint
     def chunk(h, xs):
-        return lax.scan(functools.partial(_step, A), h, xs, unroll=min(T, 8))
+        return lax.scan(step, h, xs, unroll=min(T, 8))
 
     h, ys = lax.scan(chunk, h0, tuple(map(chunks, (u, delta, B, C, keep))))
-    ys = jnp.moveaxis(ys, (0, 1), (1, 2)).reshape(b, nc * T, *ys.shape[3:])
+    if b == 1:
+        ys, h = ys.reshape(1, nc * T, -1), h[None]
+    else:
+        ys = jnp.moveaxis(ys, (0, 1), (1, 2)).reshape(b, nc * T, -1)
+    if channels_last:
+        h = jnp.swapaxes(h, 1, 2)
     return ys[:, :l], h
 
 
