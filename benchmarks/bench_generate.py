@@ -16,6 +16,15 @@ round-robin (harness.bench_group), so the ratios are measured under the same loa
 generated tokens equal between the two (random weights: near-ties may legitimately differ late in a sequence).
 The issue's target: ours >= 5x transformers' generate tokens/s on CPU.
 
+Ceiling (Llama rows): an estimate of the fastest any float32 implementation could generate on this machine, from two
+rates measured in the same run -- the best float32 matmul rate (jnp.matmul and torch.matmul on the prefill's shapes
+and a 2048^3 one) and the memory bandwidth (a jnp / numpy sum over 256 MiB) -- and counts that no float32
+implementation avoids: the prefill's matmul FLOPs (weight matmuls on every prompt token + the causal half of the two
+attention matmuls) and the bytes each decode step reads (every cached key and value, and the weights). At b = 8 a
+step's working set (a 34-42 MiB KV cache + 14 MiB of weights) is larger than the 32 MiB L3 cache and is read in the
+same order every step, so it streams from memory; at b = 1 (a 19 MiB working set) the estimate is loose. Elementwise
+work, softmax, sampling and dispatch are left out, so the true limit is lower still. `ceiling ratio` = transformers' generate time / that time.
+
     python benchmarks/bench_generate.py [--quick] [-n 5] [--out benchmarks/results/generate.json]
 """
 
@@ -55,6 +64,31 @@ def build_torch(kind):
     gc = model.generation_config
     gc.eos_token_id, gc.bos_token_id, gc.pad_token_id = None, None, 0
     return model
+
+
+def memory_bandwidth(n):
+    """GB/s of a sum over 256 MiB of float32 (jit'd jnp.sum and numpy), timed round-robin; the better of the two."""
+    import jax
+    import jax.numpy as jnp
+
+    a = np.ones(64 * 1024 * 1024, np.float32)
+    ja = jnp.asarray(a)
+    total = jax.jit(jnp.sum)
+    runs = H.bench_group([H.spec("jax", lambda: total(ja), jit=False), H.spec("numpy", a.sum, jit=False)],
+                         n=max(n, 5), warmup=2)
+    rates = {r["name"]: a.nbytes / r["median_s"] / 1e9 for r in runs}
+    print("  memory bandwidth GB/s: " + ", ".join(f"{k} {v:.1f}" for k, v in rates.items()), flush=True)
+    return {"bytes": a.nbytes, **{f"{k}_gbs": v for k, v in rates.items()}, "best_gbs": max(rates.values())}
+
+
+def llama_ceiling_s(b, prompt_len, new_tokens, best_gflops, best_gbs):
+    """Estimated lower bound on the generate time of the benchmark's Llama (see the module docstring)."""
+    f = 688
+    per_token = LAYERS * (4 * D_MODEL * D_MODEL + 3 * D_MODEL * f)
+    prefill_flops = 2 * per_token * b * prompt_len + LAYERS * 2 * 2 * b * (prompt_len ** 2 / 2) * D_MODEL
+    steps = range(prompt_len + 1, prompt_len + new_tokens)  # the cached tokens each decode step attends to
+    step_bytes = sum(b * LAYERS * 2 * t * D_MODEL * 4 for t in steps) + len(steps) * (per_token + D_MODEL * VOCAB) * 4
+    return prefill_flops / (best_gflops * 1e9) + step_bytes / (best_gbs * 1e9)
 
 
 def measure(kind, batches, prompt_len, new_tokens, n, tmp):
@@ -118,6 +152,16 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for kind in ("mamba", "llama"):
             rows += measure(kind, batches, prompt_len, new_tokens, n, tmp)
+    from benchmarks.bench_train import measure_matmul_rate
+
+    print("machine limits (for the Llama ceiling)", flush=True)
+    meta["matmul_rate"] = measure_matmul_rate(max(batches), prompt_len, n)
+    meta["memory_bandwidth"] = memory_bandwidth(n)
+    for row in rows:
+        if row["model"] == "llama":
+            row["ceiling_s"] = llama_ceiling_s(row["batch"], prompt_len, new_tokens, meta["matmul_rate"]["best_gflops"],
+                                               meta["memory_bandwidth"]["best_gbs"])
+            row["ceiling_ratio"] = row["torch_generate_s"] / row["ceiling_s"]
     print(report(rows, meta))
     H.write_json(args.out, rows, meta)
 
@@ -135,12 +179,18 @@ def report(rows, meta=None):
             ("prefill ratio", "prefill_ratio", H.fmt_x),
             ("ours decode tok/s", "ours_decode_tok_s", _tok), ("transformers decode tok/s", "torch_decode_tok_s", _tok),
             ("ours generate", "ours_generate_s", H.fmt_s), ("transformers generate", "torch_generate_s", H.fmt_s),
-            ("match", "match", lambda v: f"{v:.2f}")]
+            ("match", "match", lambda v: f"{v:.2f}"),
+            ("ceiling ratio (this machine)", lambda r: r.get("ceiling_ratio"), H.fmt_x)]
     text = H.Table(cols).render(rows)
     if meta is not None:
         text += (f"\n\nGeneration tokens/s = batch x new tokens / end-to-end generate time (median of "
                  f"{meta.get('runs', '?')} timed runs); target >= {meta.get('target_ratio', TARGET):g}x transformers "
                  f"(torch threads {meta.get('torch_threads', '?')}).")
+        mm, bw = meta.get("matmul_rate"), meta.get("memory_bandwidth")
+        if mm and bw:
+            text += (f" Ceiling ratio: transformers' generate time / an estimated lower bound on any float32 implementation's, "
+                     f"from the best matmul rate ({mm['best_gflops']:.0f} GFLOP/s) and memory bandwidth "
+                     f"({bw['best_gbs']:.1f} GB/s) measured in the same run (see the script's docstring).")
     return text
 
 

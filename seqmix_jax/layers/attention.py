@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float, Int
 
-from seqmix_jax.layers._init import check_dims, linear
+from seqmix_jax.layers._init import check_dims, linear, shared_input_linears
 from seqmix_jax.ops.attention import attention, attention_decode
 from seqmix_jax.ops.rotary import apply_rotary, rotary_inv_freq
 from seqmix_jax.ops.segments import check_segment_ids, segment_starts
@@ -196,9 +196,10 @@ class Attention(nnx.Module):
 
     def _qkv(self, x, positions):
         b, l, _ = x.shape
-        q = self.q_proj(x).reshape(b, l, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim)
+        q, k, v = shared_input_linears((self.q_proj, self.k_proj, self.v_proj), x)
+        q = q.reshape(b, l, self.num_heads, self.head_dim)
+        k = k.reshape(b, l, self.num_kv_heads, self.head_dim)
+        v = v.reshape(b, l, self.num_kv_heads, self.head_dim)
         if self.rotary_dim:
             rope = dict(rotary_dim=self.rotary_dim, base=self.rope_base, interleaved=self.rope_interleaved,
                         position_scale=self.rope_position_scale)

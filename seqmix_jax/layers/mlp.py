@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
-from seqmix_jax.layers._init import check_dims, linear
+from seqmix_jax.layers._init import check_dims, linear, shared_input_linears
 
 ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -61,4 +61,5 @@ class GatedMLP(nnx.Module):
     def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
         if x.ndim < 1 or x.shape[-1] != self.d_model:
             raise ValueError(f"GatedMLP expects x of shape (..., d_model={self.d_model}), got {tuple(x.shape)}")
-        return self.down(ACTIVATIONS[self.activation](self.gate(x)) * self.up(x))
+        gate, up = shared_input_linears((self.gate, self.up), x)
+        return self.down(ACTIVATIONS[self.activation](gate) * up)

@@ -17,7 +17,9 @@ Paths (see `dispatch.py`):
   xla          chunks of `chunk_size` steps: a sequential scan across chunks whose body is rematerialized
                (`jax.checkpoint`), so the backward pass keeps only one (b, d, n) state per chunk and
                recomputes the states inside a chunk. Forward+backward memory therefore grows with l·d
-               (the inputs and their gradients), not with l·d·n.
+               (the inputs and their gradients), not with l·d·n. Its primal (inference, e.g. a prompt's
+               prefill) carries the state as (b, n, d), its VJP a (b, d, n) program: whichever XLA:CPU runs
+               faster (see `_scan_chunked_block`; no jvp on this path).
   pallas       `pallas_kernels.selective_scan` (interpret mode on CPU): one program per (batch, block of
                channels) keeps its (block_d, n) state on chip and walks l; softplus(dt + dt_bias), the D skip
                and the z gate are fused, so per token only x, dt, z, B, C are read and y written (inputs in
@@ -228,9 +230,9 @@ def _scan_chunked(A, u, delta, B, C, keep, h0, chunk_size):
 def _scan_chunked_block(A, u, delta, B, C, keep, h0, chunk_size):
     """The xla path on one block of channels. Its forward runs `_chunks(channels_last=True)`; differentiated, it runs
     `_chunks(channels_last=False)` and that function's VJP, because XLA:CPU compiles the two layouts' programs very
-    differently (benchmarks/bench_selective_scan.py, d 512, n 16, l 512, medians): the forward with the state as
-    (b, n, d) is 2.2x (b = 8) to 8.5x (b = 1) faster than with (b, d, n), while the backward of the (b, n, d) program
-    is ~1.3x slower at b = 8. Forward-mode differentiation (jvp) of this path is therefore not available."""
+    differently (2-core CI machine, float32, d 512, n 16, l 512, medians of paired runs): the forward with the state as
+    (b, n, d) is 2.2x (b = 8) to 7.4x (b = 1) faster than the (b, d, n) one, while the backward of the (b, n, d)
+    program is ~1.3x slower at b = 8. Forward-mode differentiation (jvp) of this path is therefore not available."""
     return _chunks(A, u, delta, B, C, keep, h0, chunk_size, channels_last=True)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -121,3 +122,28 @@ def test_errors():
         mlp_hidden_size(64, 0)
     with pytest.raises(ValueError, match="hidden must be a positive int"):
         mlp_hidden_size(64, hidden=-3)
+
+
+@pytest.mark.parametrize("use_bias,dtype", [(False, None), (True, None), (True, jnp.bfloat16)])
+def test_shared_input_linears_one_matmul_equals_separate(use_bias, dtype):
+    """Few rows (a decode step): one matmul over the concatenated kernels, split; many rows: one per layer. Both
+    equal the layers called one by one."""
+    from seqmix_jax.layers._init import FUSE_MAX_ROWS, linear, shared_input_linears
+
+    rngs = nnx.Rngs(0)
+    common = dict(use_bias=use_bias, names=("embed", "mlp"), dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    layers = (linear(24, 40, **common), linear(24, 8, **common), linear(24, 16, **common))
+    tol = 1e-6 if dtype is None else 1e-2
+    for shape in [(3, 24), (2, 1, 24), (FUSE_MAX_ROWS + 1, 24)]:
+        x = jax.random.normal(jax.random.key(1), shape)
+        outs = jax.jit(lambda x: shared_input_linears(layers, x))(x)
+        for i, (out, layer) in enumerate(zip(outs, layers)):
+            ref = layer(x)
+            assert out.shape == ref.shape and out.dtype == ref.dtype, (out.shape, ref.shape, out.dtype, ref.dtype)
+            assert_close(f"layer {i} x{shape} bias={use_bias} dtype={dtype}", out.astype(jnp.float32),
+                         ref.astype(jnp.float32), tol)
+    # layers that disagree (here on dtype) are called one by one
+    mixed = (layers[0], linear(24, 8, use_bias=use_bias, names=("embed", "mlp"), dtype=jnp.bfloat16,
+                               param_dtype=jnp.float32, rngs=rngs))
+    outs = shared_input_linears(mixed, jnp.ones((2, 24)))
+    assert [o.dtype for o in outs] == [m(jnp.ones((2, 24))).dtype for m in mixed]

@@ -66,11 +66,12 @@ def test_paths_agree_outputs_states_and_every_gradient(rng, key, l):
             assert_close(f"{impl} d/d{name}", grads[name], g_ref[name], 1e-4)
 
 
-@pytest.mark.parametrize("b", [1, 2])
-def test_xla_forward_and_its_vjp_layouts_agree_with_reference(rng, key, b):
+def test_xla_forward_and_its_vjp_layouts_agree_with_reference_at_batch_1(rng, key):
     """The xla path runs its primal with the state as (b, n, d) and differentiates a (b, d, n) program, with the
-    batch axis dropped inside the loop when b = 1 (see `_scan_chunked_block`): both agree with the reference, and
-    differentiating only some inputs (the others symbolic zeros) gives the same gradients as differentiating all."""
+    batch axis dropped inside the loop when b = 1 (see `_scan_chunked_block`; b > 1 is every other test here): both
+    agree with the reference, and differentiating only some inputs (the others symbolic zeros) gives the same
+    gradients as differentiating all."""
+    b = 1
     args = make_inputs(rng, b=b, l=37)
     y_ref, h_ref, g_ref = forward_and_grads(args, "reference", 8, key)
     y, h = run(args, impl="xla", chunk_size=8)  # primal only: the channels-last program
