@@ -22,8 +22,10 @@ and a 2048^3 one) and the memory bandwidth (a jnp / numpy sum over 256 MiB) -- a
 implementation avoids: the prefill's matmul FLOPs (weight matmuls on every prompt token + the causal half of the two
 attention matmuls) and the bytes each decode step reads (every cached key and value, and the weights). At b = 8 a
 step's working set (a 34-42 MiB KV cache + 14 MiB of weights) is larger than the 32 MiB L3 cache and is read in the
-same order every step, so it streams from memory; at b = 1 (a 19 MiB working set) the estimate is loose. Elementwise
-work, softmax, sampling and dispatch are left out, so the true limit is lower still. `ceiling ratio` = transformers' generate time / that time.
+same order every step, so it streams from memory. At b = 1 the working set (19 MiB) fits in the L3 cache, where no
+such bound holds, and no ceiling is given. Elementwise work, softmax, sampling and dispatch are left out, so the true
+limit is lower still.
+`ceiling ratio` = transformers' generate time / that time.
 
     python benchmarks/bench_generate.py [--quick] [-n 5] [--out benchmarks/results/generate.json]
 """
@@ -81,13 +83,28 @@ def memory_bandwidth(n):
     return {"bytes": a.nbytes, **{f"{k}_gbs": v for k, v in rates.items()}, "best_gbs": max(rates.values())}
 
 
-def llama_ceiling_s(b, prompt_len, new_tokens, best_gflops, best_gbs):
-    """Estimated lower bound on the generate time of the benchmark's Llama (see the module docstring)."""
+def l3_cache_bytes():
+    """The L3 cache size from sysfs (Linux), or None."""
+    try:
+        size = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()
+    except OSError:
+        return None
+    units = {"K": 1 << 10, "M": 1 << 20}
+    return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+
+
+def llama_ceiling_s(b, prompt_len, new_tokens, best_gflops, best_gbs, l3_bytes):
+    """Estimated lower bound on the generate time of the benchmark's Llama (see the module docstring); None when a
+    decode step's working set fits in the L3 cache (or its size is unknown)."""
     f = 688
     per_token = LAYERS * (4 * D_MODEL * D_MODEL + 3 * D_MODEL * f)
-    prefill_flops = 2 * per_token * b * prompt_len + LAYERS * 2 * 2 * b * (prompt_len ** 2 / 2) * D_MODEL
+    weight_bytes = (per_token + D_MODEL * VOCAB) * 4
+    cache_bytes = lambda t: b * LAYERS * 2 * t * D_MODEL * 4  # every cached key and value, t tokens
     steps = range(prompt_len + 1, prompt_len + new_tokens)  # the cached tokens each decode step attends to
-    step_bytes = sum(b * LAYERS * 2 * t * D_MODEL * 4 for t in steps) + len(steps) * (per_token + D_MODEL * VOCAB) * 4
+    if l3_bytes is None or cache_bytes(steps[0]) + weight_bytes <= l3_bytes:
+        return None
+    prefill_flops = 2 * per_token * b * prompt_len + LAYERS * 2 * 2 * b * (prompt_len ** 2 / 2) * D_MODEL
+    step_bytes = sum(cache_bytes(t) + weight_bytes for t in steps)
     return prefill_flops / (best_gflops * 1e9) + step_bytes / (best_gbs * 1e9)
 
 
@@ -157,11 +174,12 @@ def main():
     print("machine limits (for the Llama ceiling)", flush=True)
     meta["matmul_rate"] = measure_matmul_rate(max(batches), prompt_len, n)
     meta["memory_bandwidth"] = memory_bandwidth(n)
+    meta["l3_cache_bytes"] = l3_cache_bytes()
     for row in rows:
         if row["model"] == "llama":
             row["ceiling_s"] = llama_ceiling_s(row["batch"], prompt_len, new_tokens, meta["matmul_rate"]["best_gflops"],
-                                               meta["memory_bandwidth"]["best_gbs"])
-            row["ceiling_ratio"] = row["torch_generate_s"] / row["ceiling_s"]
+                                               meta["memory_bandwidth"]["best_gbs"], meta["l3_cache_bytes"])
+            row["ceiling_ratio"] = None if row["ceiling_s"] is None else row["torch_generate_s"] / row["ceiling_s"]
     print(report(rows, meta))
     H.write_json(args.out, rows, meta)
 
@@ -188,7 +206,8 @@ def report(rows, meta=None):
                  f"(torch threads {meta.get('torch_threads', '?')}).")
         mm, bw = meta.get("matmul_rate"), meta.get("memory_bandwidth")
         if mm and bw:
-            text += (f" Ceiling ratio: transformers' generate time / an estimated lower bound on any float32 implementation's, "
+            text += (" Ceiling ratio: transformers' generate time / an estimated lower bound on any float32 "
+                     "implementation's, "
                      f"from the best matmul rate ({mm['best_gflops']:.0f} GFLOP/s) and memory bandwidth "
                      f"({bw['best_gbs']:.1f} GB/s) measured in the same run (see the script's docstring).")
     return text
