@@ -10,7 +10,7 @@ import pytest
 from flax import linen, nnx
 
 from seqmix_jax.layers import Mamba2Mixer, MambaMixer
-from tests.helpers import assert_close, check_mixer_input_errors
+from tests.helpers import Jitted, assert_close, check_mixer_input_errors
 
 D_MODEL = 24
 
@@ -27,7 +27,7 @@ KINDS = ["mamba", "mamba2"]
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_step_by_step_equals_forward(kind, key):
-    m = make(kind)
+    m = Jitted(make(kind))
     x = jax.random.normal(key, (2, 29, D_MODEL))
     y = m(x)
     state = m.init_state(2)
@@ -43,7 +43,7 @@ def test_step_by_step_equals_forward(kind, key):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_prefill_then_decode_equals_forward(kind, key):
-    m = make(kind)
+    m = Jitted(make(kind))
     x = jax.random.normal(key, (2, 23, D_MODEL))
     y = m(x)
     y0, state = m.prefill(x[:, :13])
@@ -60,7 +60,7 @@ def test_prefill_then_decode_equals_forward(kind, key):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_packed_sequences_equal_separate_runs(kind, key):
-    m = make(kind)
+    m = Jitted(make(kind))
     lens = [5, 11, 3, 9]
     x = jax.random.normal(key, (1, sum(lens), D_MODEL))
     seg = jnp.asarray(np.repeat(np.arange(len(lens)), lens)[None])
