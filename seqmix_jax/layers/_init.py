@@ -39,19 +39,24 @@ class Linear(nnx.Linear):
         return y.reshape(*lead, y.shape[-1])
 
 
-# Rows (product of the leading axes) up to which `shared_input_linears` runs one matmul: a decode step's handful of
-# tokens. Training and prefill keep one matmul per layer, so kernels sharded by the trainer are never concatenated.
+# Rows (product of the leading axes) up to which `shared_input_linears` runs one matmul on the CPU: a decode step's
+# handful of tokens. Training and prefill keep one matmul per layer, so kernels sharded by the trainer are never
+# concatenated.
 FUSE_MAX_ROWS = 64
 
 
 def shared_input_linears(layers, x):
-    """[layer(x) for layer in layers] for Linears that read the same input (q/k/v, gate/up). With at most
-    FUSE_MAX_ROWS rows, and layers that agree on dtypes, precision and bias, it is one matmul over the kernels
+    """[layer(x) for layer in layers] for Linears that read the same input (q/k/v, gate/up). On the CPU backend, with
+    at most FUSE_MAX_ROWS rows and layers that agree on dtypes, precision and bias, it is one matmul over the kernels
     concatenated on the output axis, split afterwards: the same parameters and per-element products (summation
     order may differ in the last bit). XLA:CPU runs a decode step's several small (rows, d) @ (d, f) products
-    measurably slower than one (tiny Llama, b = 1: ~15% of the whole generate time, bench_generate.py)."""
+    measurably slower than one (tiny Llama, b = 1: ~15-25% of the whole generate time, bench_generate.py). Other
+    backends keep separate matmuls: there it has not been measured, and a concatenation that XLA failed to hoist
+    out of a decode loop would copy the kernels every token."""
     first = layers[0]
     rows = math.prod(x.shape[:-1])
+    if jax.default_backend() != "cpu":
+        return [m(x) for m in layers]
     same = all(type(m) is Linear and m.dtype == first.dtype and m.param_dtype == first.param_dtype
                and m.precision == first.precision and m.dot_general is first.dot_general
                and m.promote_dtype is first.promote_dtype and m.preferred_element_type == first.preferred_element_type

@@ -242,12 +242,14 @@ def _scan_chunked(A, u, delta, B, C, keep, h0, chunk_size):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _scan_chunked_block(A, u, delta, B, C, keep, h0, chunk_size):
-    """The xla path on one block of channels. Its forward runs `_chunks(channels_last=True)`; differentiated, it runs
-    `_chunks(channels_last=False)` and that function's VJP, because XLA:CPU compiles the two layouts' programs very
-    differently (2-core CI machine, float32, d 512, n 16, l 512, medians of paired runs): the forward with the state as
-    (b, n, d) is 2.2x (b = 8) to 7.4x (b = 1) faster than the (b, d, n) one, while the backward of the (b, n, d)
-    program is ~1.3x slower at b = 8. Forward-mode differentiation (jvp) of this path is therefore not available."""
-    return _chunks(A, u, delta, B, C, keep, h0, chunk_size, channels_last=True)
+    """The xla path on one block of channels. On the CPU its forward runs `_chunks(channels_last=True)`; differentiated,
+    it runs `_chunks(channels_last=False)` and that function's VJP, because XLA:CPU compiles the two layouts' programs
+    very differently (2-core CI machine, float32, d 512, n 16, l 512, medians of paired runs): the forward with the
+    state as (b, n, d) is 2.2x (b = 8) to 7.4x (b = 1) faster than the (b, d, n) one, while the backward of the
+    (b, n, d) program is ~1.3x slower at b = 8. Other backends (where "auto" prefers the Pallas kernel) run the
+    (b, d, n) program both ways: the layout choice has not been measured there. Forward-mode differentiation (jvp) of
+    this path is not available."""
+    return _chunks(A, u, delta, B, C, keep, h0, chunk_size, channels_last=jax.default_backend() == "cpu")
 
 
 def _scan_chunked_block_fwd(A, u, delta, B, C, keep, h0, chunk_size):

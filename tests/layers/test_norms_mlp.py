@@ -142,6 +142,12 @@ def test_shared_input_linears_one_matmul_equals_separate(use_bias, dtype):
             assert out.shape == ref.shape and out.dtype == ref.dtype, (out.shape, ref.shape, out.dtype, ref.dtype)
             assert_close(f"layer {i} x{shape} bias={use_bias} dtype={dtype}", out.astype(jnp.float32),
                          ref.astype(jnp.float32), tol)
+    # how many matmuls run: one for few rows on the CPU; one per layer for many rows, or on other backends
+    dots = lambda x: str(jax.make_jaxpr(lambda x: shared_input_linears(layers, x))(x)).count("dot_general")
+    assert dots(jnp.ones((3, 24))) == 1 and dots(jnp.ones((FUSE_MAX_ROWS + 1, 24))) == 3
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(jax, "default_backend", lambda: "gpu")
+        assert dots(jnp.ones((3, 24))) == 3
     # layers that disagree (here on dtype) are called one by one
     mixed = (layers[0], linear(24, 8, use_bias=use_bias, names=("embed", "mlp"), dtype=jnp.bfloat16,
                                param_dtype=jnp.float32, rngs=rngs))
