@@ -1,7 +1,10 @@
 """flax.nnx sequence mixers and the blocks around them.
 
 Mixer contract: `__call__(x, *, segment_ids=None) -> (b, l, d)`; decoding through explicit state pytrees:
-`init_state(batch_size, ...)`, `prefill(x, state=None) -> (y, state)` and `step(x_t, state) -> (y_t, state)`."""
+`init_state(batch_size, ...)`, `prefill(x, state=None, *, max_len=None, last_only=False) -> (y, state)` and
+`step(x_t, state) -> (y_t, state)`. Without a state, `prefill` starts a fresh one able to hold `max_len` tokens;
+with `last_only` it returns the last position's output only, (b, 1, d), and may skip work for the others (the
+state still covers the whole prompt)."""
 
 from seqmix_jax.layers.attention import Attention, KVCache, split_fused_qkv
 from seqmix_jax.layers.hyena import HyenaFilter, HyenaOperator, HyenaState

@@ -144,18 +144,21 @@ class Attention(nnx.Module):
         return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch_size,), jnp.int32))
 
     def prefill(self, x: Float[Array, "b l d"], state: KVCache | None = None, *, max_len: int | None = None,
-                segment_ids=None) -> tuple[Float[Array, "b l d"], KVCache]:
+                last_only: bool = False, segment_ids=None) -> tuple[Float[Array, "b l d"], KVCache]:
         """Run a prompt x (b, l, d) after the `state.length` cached tokens; returns (y, state with the prompt).
 
-        Without a state, a fresh cache of `max_len` slots (default l: room for the prompt only) is made.
-        Packed prompts (`segment_ids`) are not supported: one cache row holds one sequence."""
+        Without a state, a fresh cache of `max_len` slots (default l: room for the prompt only) is made, and the
+        prompt attends to its own keys (l of them, not the max_len slots). `last_only`: y is the last position's
+        output only, (b, 1, d); the other queries are never computed (every key and value still is: the cache
+        needs them). Packed prompts (`segment_ids`) are not supported: one cache row holds one sequence."""
         if segment_ids is not None:
             raise NotImplementedError("Attention.prefill does not take segment_ids: a KV cache row holds one "
                                       "sequence; prefill each document in its own row")
         self._check_x(x)
         if state is None:
-            state = self.init_state(x.shape[0], x.shape[1] if max_len is None else max_len)
-        return self._extend(x, state)
+            return self._fresh(x, x.shape[1] if max_len is None else max_len, last_only)
+        y, state = self._extend(x, state, last_only)
+        return y, state
 
     def step(self, x: Float[Array, "b d"], state: KVCache) -> tuple[Float[Array, "b d"], KVCache]:
         """One token per row: x (b, d) at position `state.length` -> (y (b, d), state)."""
@@ -165,7 +168,23 @@ class Attention(nnx.Module):
         return y[:, 0], state
 
     # --- internals
-    def _extend(self, x, state: KVCache):
+    def _fresh(self, x, max_len, last_only):
+        """Prefill into an empty cache of max_len slots: attention over the prompt's own keys."""
+        self._check_decodable()
+        b, l, _ = x.shape
+        check_dims(max_len=max_len)
+        if l > max_len:
+            raise ValueError(f"KV cache overflow: a prompt of {l} tokens does not fit max_len={max_len} slots")
+        q, k, v = self._qkv(x, jnp.arange(l, dtype=jnp.int32), last_only=last_only)
+        o = attention(q, k, v, causal=True, window=self.window, softcap=self.softcap, scale=self.scale,
+                      q_offset=l - q.shape[1], impl=self.impl)
+        dtype = self.dtype or self.k_proj.kernel[...].dtype
+        pad = ((0, 0), (0, 0), (0, max_len - l), (0, 0))
+        ks, vs = (jnp.pad(jnp.swapaxes(a, 1, 2).astype(dtype), pad) for a in (k, v))
+        y = self.o_proj(o.reshape(b, q.shape[1], self.num_heads * self.head_dim))
+        return y, KVCache(ks, vs, jnp.full((b,), l, jnp.int32))
+
+    def _extend(self, x, state: KVCache, last_only=False):
         self._check_decodable()
         b, l, _ = x.shape
         ks, vs, length = state
@@ -180,30 +199,36 @@ class Attention(nnx.Module):
             raise ValueError(f"KV cache overflow: row {i} has length={int(concrete[i])} cached tokens + {l} new tokens "
                              f"> max_len={s}; make the cache with init_state(batch_size, max_len) large enough")
         positions = length[:, None] + jnp.arange(l, dtype=length.dtype)  # (b, l)
-        q, k, v = self._qkv(x, positions)
+        q, k, v = self._qkv(x, positions, last_only=last_only)
         ks, vs = _write_cache(ks, k, positions), _write_cache(vs, v, positions)
-        if l == 1:  # a decode step: one query per row against the head-major cache
-            o = attention_decode(q[:, 0], ks.astype(q.dtype), vs.astype(q.dtype), length, window=self.window,
-                                 softcap=self.softcap, scale=self.scale, impl=_decode_impl(self.impl))[:, None]
+        if q.shape[1] == 1:  # one query per row (a decode step, or last_only) against the head-major cache
+            o = attention_decode(q[:, 0], ks.astype(q.dtype), vs.astype(q.dtype), length + l - 1,
+                                 window=self.window, softcap=self.softcap, scale=self.scale,
+                                 impl=_decode_impl(self.impl))[:, None]
         else:
             o = attention(q, jnp.swapaxes(ks, 1, 2).astype(q.dtype), jnp.swapaxes(vs, 1, 2).astype(q.dtype),
                           causal=True, window=self.window, softcap=self.softcap, scale=self.scale, q_offset=length,
                           impl=self.impl)
-        y = self.o_proj(o.reshape(b, l, self.num_heads * self.head_dim))
+        y = self.o_proj(o.reshape(b, q.shape[1], self.num_heads * self.head_dim))
         overflow = (length + l > s)[:, None, None]
         y = jnp.where(overflow, jnp.asarray(jnp.nan, y.dtype), y)
         return y, KVCache(ks, vs, length + l)
 
-    def _qkv(self, x, positions):
+    def _qkv(self, x, positions, *, last_only=False):
+        """Rotated q (b, l, h, k) and k, v (b, l, g, k); with last_only, q of the last position only (b, 1, h, k)."""
         b, l, _ = x.shape
-        q, k, v = shared_input_linears((self.q_proj, self.k_proj, self.v_proj), x)
-        q = q.reshape(b, l, self.num_heads, self.head_dim)
+        if last_only and l > 1:
+            q, k, v = self.q_proj(x[:, -1:]), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = shared_input_linears((self.q_proj, self.k_proj, self.v_proj), x)
+        q = q.reshape(b, q.shape[1], self.num_heads, self.head_dim)
         k = k.reshape(b, l, self.num_kv_heads, self.head_dim)
         v = v.reshape(b, l, self.num_kv_heads, self.head_dim)
         if self.rotary_dim:
             rope = dict(rotary_dim=self.rotary_dim, base=self.rope_base, interleaved=self.rope_interleaved,
                         position_scale=self.rope_position_scale)
-            q, k = apply_rotary(q, positions, **rope), apply_rotary(k, positions, **rope)
+            q = apply_rotary(q, positions[..., -q.shape[1]:], **rope)
+            k = apply_rotary(k, positions, **rope)
         return q, k, v
 
     def _check_x(self, x):

@@ -273,19 +273,26 @@ class HyenaOperator(nnx.Module):
                           jnp.zeros((batch_size, n1, cap, self.d_model), jnp.float32),
                           jnp.zeros((), jnp.int32), self.filters(cap)[0])
 
-    def prefill(self, x: Float[Array, "b l d"], state: HyenaState | None = None, *,
-                segment_ids: Int[Array, "b l"] | None = None) -> tuple[Float[Array, "b l d"], HyenaState]:
+    def prefill(self, x: Float[Array, "b l d"], state: HyenaState | None = None, *, max_len: int | None = None,
+                last_only: bool = False, segment_ids: Int[Array, "b l"] | None = None
+                ) -> tuple[Float[Array, "b l d"], HyenaState]:
         """Run a prompt; returns (y, state after its last token).
 
-        Without a state: the FFT forward, then the long-convolution inputs fill the history. With a state
-        (continuing): each level writes its inputs into the history at `pos` and convolves the whole history
-        (fftconv of length l_cap), keeping the outputs at pos..pos+l-1 — exact, O(l_cap log l_cap) per call."""
+        Without a state: the FFT forward, then the long-convolution inputs fill a fresh history of `max_len`
+        positions (default l_max). With a state (continuing): each level writes its inputs into the history at
+        `pos` and convolves the whole history (fftconv of length l_cap), keeping the outputs at pos..pos+l-1 —
+        exact, O(l_cap log l_cap) per call. `last_only`: y (b, 1, d) of the last position only (the output gate
+        and out_proj run on that position alone)."""
         self._check_call(x, segment_ids)
         b, l, _ = x.shape
         if state is None:
-            k, skip = self.filters(self.l_max)
-            y, inputs, conv = self._forward(x, k[:, :l], skip)
-            history = jnp.zeros((b, self.order - 1, self.l_max, self.d_model), jnp.float32)
+            cap = self.l_max if max_len is None else max_len
+            check_dims(max_len=cap)
+            if not l <= cap <= self.l_max:
+                raise ValueError(f"max_len={cap} must hold the prompt (l={l}) and be at most l_max={self.l_max}")
+            k, skip = self.filters(cap)
+            y, inputs, conv = self._forward(x, k[:, :l], skip, last_only)
+            history = jnp.zeros((b, self.order - 1, cap, self.d_model), jnp.float32)
             history = history.at[:, :, :l].set(jnp.stack(inputs, axis=1).astype(jnp.float32))
             return y, HyenaState(conv, history, jnp.asarray(l, jnp.int32), k)
         self._check_state(state, b)
@@ -301,7 +308,10 @@ class HyenaOperator(nnx.Module):
             history = history.at[:, o].set(hist_o)
             y_all = fftconv(hist_o, state.k[o], skip[o], impl=self.impl)
             v = jax.lax.dynamic_slice(y_all, (0, pos, 0), (b, l, self.d_model)).astype(v.dtype)
-        y = _nan_past_end(self._out(v, xs[0]), pos + l <= cap)
+        x0 = xs[0]
+        if last_only:
+            v, x0 = v[:, -1:], x0[:, -1:]
+        y = _nan_past_end(self._out(v, x0), pos + l <= cap)
         return y, HyenaState(conv, history, pos + l, state.k)
 
     def step(self, x: Float[Array, "b d"], state: HyenaState) -> tuple[Float[Array, "b d"], HyenaState]:
@@ -332,15 +342,19 @@ class HyenaOperator(nnx.Module):
         return y, HyenaState(conv, history, pos + 1, state.k)
 
     # --- internals
-    def _forward(self, x, k, skip):
-        """Full-sequence forward; returns (y, inputs of each long convolution, final short-filter state)."""
+    def _forward(self, x, k, skip, last_only=False):
+        """Full-sequence forward; returns (y, inputs of each long convolution, final short-filter state); y is the
+        last position's only (b, 1, d) with last_only."""
         xs, v, conv = self._gates(x, None)
         inputs = []
         for o, x_i in enumerate(reversed(xs[1:])):
             v = v * x_i
             inputs.append(v)
             v = fftconv(v, k[o], skip[o], impl=self.impl)
-        return self._out(v, xs[0]), inputs, conv
+        x0 = xs[0]
+        if last_only:
+            v, x0 = v[:, -1:], x0[:, -1:]
+        return self._out(v, x0), inputs, conv
 
     def _gates(self, x, conv_state):
         u = self.in_proj(x)

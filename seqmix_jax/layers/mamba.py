@@ -111,9 +111,13 @@ class MambaMixer(nnx.Module):
         """x: (b, l, d_model) -> (b, l, d_model); `segment_ids (b, l)` resets conv and scan at segment starts."""
         return self._forward(x, None, segment_ids)[0]
 
-    def prefill(self, x, state: MambaState | None = None, *, segment_ids=None):
-        """Run a prompt (optionally continuing `state`); returns (y, state after the last token)."""
-        return self._forward(x, state, segment_ids)
+    def prefill(self, x, state: MambaState | None = None, *, max_len: int | None = None, last_only: bool = False,
+                segment_ids=None):
+        """Run a prompt (optionally continuing `state`); returns (y, state after the last token). `max_len` is
+        accepted for the mixer contract (the state's size does not depend on it); `last_only`: y (b, 1, d) of the
+        last position only (out_proj runs on that position alone)."""
+        del max_len
+        return self._forward(x, state, segment_ids, last_only)
 
     def init_state(self, batch_size: int, max_len: int | None = None) -> MambaState:
         """Zero decode state; its size does not depend on max_len."""
@@ -134,7 +138,7 @@ class MambaMixer(nnx.Module):
         return self.out_proj(y), MambaState(conv, ssm)
 
     # --- internals
-    def _forward(self, x, state, segment_ids):
+    def _forward(self, x, state, segment_ids, last_only=False):
         if x.ndim != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have shape (b, l, d_model={self.d_model}), got {tuple(x.shape)}")
         xi, z = jnp.split(self.in_proj(x), 2, axis=-1)
@@ -144,7 +148,7 @@ class MambaMixer(nnx.Module):
         y, ssm = selective_scan(xi, dt, self._A(), B, C, self.D[...], z=z, dt_bias=self.dt_bias[...],
                                 initial_state=None if state is None else state.ssm, return_final_state=True,
                                 segment_ids=segment_ids, impl=self.impl, chunk_size=self.chunk_size)
-        return self.out_proj(y), MambaState(conv, ssm)
+        return self.out_proj(y[:, -1:] if last_only else y), MambaState(conv, ssm)
 
     def _dt_B_C(self, xi):
         dbc = self.x_proj(xi)

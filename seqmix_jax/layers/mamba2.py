@@ -102,9 +102,13 @@ class Mamba2Mixer(nnx.Module):
         """x: (b, l, d_model) -> (b, l, d_model); `segment_ids (b, l)` resets conv and scan at segment starts."""
         return self._forward(x, None, segment_ids)[0]
 
-    def prefill(self, x, state: Mamba2State | None = None, *, segment_ids=None):
-        """Run a prompt (optionally continuing `state`); returns (y, state after the last token)."""
-        return self._forward(x, state, segment_ids)
+    def prefill(self, x, state: Mamba2State | None = None, *, max_len: int | None = None, last_only: bool = False,
+                segment_ids=None):
+        """Run a prompt (optionally continuing `state`); returns (y, state after the last token). `max_len` is
+        accepted for the mixer contract (the state's size does not depend on it); `last_only`: y (b, 1, d) of the
+        last position only (the gated norm and out_proj run on that position alone)."""
+        del max_len
+        return self._forward(x, state, segment_ids, last_only)
 
     def init_state(self, batch_size: int, max_len: int | None = None) -> Mamba2State:
         """Zero decode state; its size does not depend on max_len."""
@@ -127,7 +131,7 @@ class Mamba2Mixer(nnx.Module):
         return self._out(y.reshape(z.shape), z), Mamba2State(conv, ssm)
 
     # --- internals
-    def _forward(self, x, state, segment_ids):
+    def _forward(self, x, state, segment_ids, last_only=False):
         if x.ndim != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have shape (b, l, d_model={self.d_model}), got {tuple(x.shape)}")
         z, xBC, dt = self._split(self.in_proj(x))
@@ -139,7 +143,10 @@ class Mamba2Mixer(nnx.Module):
                      z=None if self.rmsnorm else z.reshape(xs.shape), dt_bias=self.dt_bias[...],
                      dt_limit=self.dt_limit, initial_state=None if state is None else state.ssm,
                      return_final_state=True, segment_ids=segment_ids, impl=self.impl)
-        return self._out(y.reshape(z.shape), z), Mamba2State(conv, ssm)
+        y = y.reshape(z.shape)
+        if last_only:
+            y, z = y[:, -1:], z[:, -1:]
+        return self._out(y, z), Mamba2State(conv, ssm)
 
     def _split(self, zxbcdt):
         e, c = self.d_inner, self.conv_dim

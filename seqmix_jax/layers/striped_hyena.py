@@ -126,11 +126,15 @@ class StripedHyenaMixer(nnx.Module):
         segment starts."""
         return self._forward(x, None, segment_ids, want_state=False)[0]
 
-    def prefill(self, x, state: StripedHyenaState | None = None, *, segment_ids=None):
-        """Run a prompt (optionally continuing `state`); returns (y, state after the last token)."""
+    def prefill(self, x, state: StripedHyenaState | None = None, *, max_len: int | None = None,
+                last_only: bool = False, segment_ids=None):
+        """Run a prompt (optionally continuing `state`); returns (y, state after the last token). `max_len` is
+        accepted for the mixer contract (the state's size does not depend on it); `last_only`: y (b, 1, d) of the
+        last position only (out_proj runs on that position alone)."""
+        del max_len
         if state is not None:
             self._check_state(state, x.shape[0] if x.ndim == 3 else None)
-        return self._forward(x, state, segment_ids, want_state=True)
+        return self._forward(x, state, segment_ids, want_state=True, last_only=last_only)
 
     def init_state(self, batch_size: int, max_len: int | None = None) -> StripedHyenaState:
         """Zero decode state; its size does not depend on max_len."""
@@ -163,11 +167,11 @@ class StripedHyenaMixer(nnx.Module):
         return self._filter(z, None, segment_ids, want_state=False)[0]
 
     # --- internals
-    def _forward(self, x, state, segment_ids, want_state):
+    def _forward(self, x, state, segment_ids, want_state, last_only=False):
         if x.ndim != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have shape (b, l, d_model={self.d_model}), got {tuple(x.shape)}")
         y, new_state = self._filter(self.projections(x), state, segment_ids, want_state)
-        return self.out_proj(y), new_state
+        return self.out_proj(y[:, -1:] if last_only else y), new_state
 
     def _filter(self, z, state, segment_ids, want_state):
         z, fir = causal_conv1d(z, self._cast(self.short_filter_weight), self._cast(self.short_filter_bias),

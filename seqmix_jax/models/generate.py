@@ -129,8 +129,7 @@ def sample(logits, key, sampling: _Sampling):
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "sampling"))
 def _prefill(graphdef, params, ids, key, max_len, sampling):
     model = nnx.merge(graphdef, params)
-    state = model.init_state(ids.shape[0], max_len)
-    logits, state = model.prefill(ids, state, last_only=True)
+    logits, state = model.prefill(ids, max_len=max_len, last_only=True)
     return sample(logits[:, -1], jax.random.fold_in(key, 0), sampling), state
 
 

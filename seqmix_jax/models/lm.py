@@ -130,8 +130,12 @@ class Block(nnx.Module):
         kw = {} if segment_ids is None else {"segment_ids": segment_ids}
         return self._channel(r + self.mixer(self.norm(r), **kw).astype(r.dtype), segment_ids)
 
-    def prefill(self, r, state):
-        y, state = self.mixer.prefill(self.norm(r), state)
+    def prefill(self, r, state, *, max_len=None, last_only=False):
+        """r (b, l, d) -> (r after this block, mixer state); state None = a fresh one of max_len tokens. With
+        last_only, only the last position's output is computed: (b, 1, d), the state still covers all of r."""
+        y, state = self.mixer.prefill(self.norm(r), state, max_len=max_len, last_only=last_only)
+        if last_only:
+            r = r[:, -1:]
         return self._channel(r + y.astype(r.dtype)), state
 
     def step(self, r_t: Float[Array, "b d"], state):
@@ -199,24 +203,30 @@ class LM(nnx.Module):
     # --- decoding
     def init_state(self, batch_size: int, max_len: int) -> tuple:
         """Empty per-layer decoding states able to hold `max_len` tokens (prompt + generated)."""
-        check_dims(batch_size=batch_size, max_len=max_len)
-        if self.config.max_seq_len is not None and max_len > self.config.max_seq_len:
-            raise ValueError(f"max_len={max_len} exceeds the model's max_seq_len={self.config.max_seq_len}")
+        self._check_max_len(batch_size, max_len)
         return tuple(block.mixer.init_state(batch_size, max_len) for block in self.blocks)
 
     def prefill(self, input_ids: Int[Array, "b l"], state: tuple | None = None, *, max_len: int | None = None,
                 last_only: bool = False):
         """Run a prompt (after whatever `state` holds); returns (logits (b, l, v), state). Without a state, one of
-        `max_len` tokens (default l) is made. `last_only`: logits of the last position only, (b, 1, v) (what
-        generation needs; skips the head on the rest of the prompt)."""
+        `max_len` tokens (default l) is made: each mixer starts from its empty state (attention attends to the
+        prompt's own keys, not to max_len cache slots). `last_only`: logits of the last position only, (b, 1, v)
+        (what generation needs): the last block computes its output, and the head runs, at that position alone;
+        every block still computes the whole prompt's state."""
         self._check_ids(input_ids, ndim=2)
         if state is None:
-            state = self.init_state(input_ids.shape[0], input_ids.shape[1] if max_len is None else max_len)
-        self._check_state(state)
+            b, l = input_ids.shape
+            max_len = l if max_len is None else max_len
+            self._check_max_len(b, max_len)
+            if max_len < l:
+                raise ValueError(f"max_len={max_len} cannot hold the prompt of l={l} tokens")
+            state = (None,) * len(self.blocks)
+        else:
+            self._check_state(state)
         r = self._embed(input_ids)
         new = []
-        for block, s in zip(self.blocks, state):
-            r, s = block.prefill(r, s)
+        for i, (block, s) in enumerate(zip(self.blocks, state)):
+            r, s = block.prefill(r, s, max_len=max_len, last_only=last_only and i == len(self.blocks) - 1)
             new.append(s)
         return self._head(r[:, -1:] if last_only else r), tuple(new)
 
@@ -264,6 +274,11 @@ class LM(nnx.Module):
             lo, hi = int(concrete.min()), int(concrete.max())
             if lo < 0 or hi >= cfg.vocab_size:
                 raise ValueError(f"token ids must lie in [0, vocab_size={cfg.vocab_size}), got min {lo}, max {hi}")
+
+    def _check_max_len(self, batch_size, max_len):
+        check_dims(batch_size=batch_size, max_len=max_len)
+        if self.config.max_seq_len is not None and max_len > self.config.max_seq_len:
+            raise ValueError(f"max_len={max_len} exceeds the model's max_seq_len={self.config.max_seq_len}")
 
     def _check_state(self, state):
         if not isinstance(state, (tuple, list)) or len(state) != len(self.blocks):

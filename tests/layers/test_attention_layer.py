@@ -40,7 +40,7 @@ class Jitted:
         self.call = jax.jit(lambda x, segment_ids=None, positions=None: m(x, segment_ids=segment_ids,
                                                                          positions=positions))
         self.step = jax.jit(m.step)
-        self.prefill = jax.jit(m.prefill, static_argnames="max_len")
+        self.prefill = jax.jit(m.prefill, static_argnames=("max_len", "last_only"))
 
     def __call__(self, x, **kw):
         return self.call(x, **kw)
@@ -127,6 +127,16 @@ def test_prefill_in_two_chunks_then_steps(key):
         yt, state = m.step(x[:, t], state)
         outs.append(yt[:, None])
     assert_close("prefill 8 + prefill 7 + 6 steps", jnp.concatenate(outs, 1), y, 1e-5)
+    # last_only: the last position's output alone, from a fresh cache and continuing one; the caches are the same
+    yl0, sl = m.prefill(x[:, :8], max_len=24, last_only=True)
+    assert yl0.shape == (2, 1, D)
+    assert_close("fresh prefill last_only", yl0[:, 0], y[:, 7], 1e-5)
+    _, s0 = m.prefill(x[:, :8], max_len=24)
+    for a, e, n in zip(sl, s0, ("k", "v", "length")):
+        assert_close(f"fresh cache {n}: last_only vs all positions", a, e, 1e-6)
+    yl1, sl = m.prefill(x[:, 8:15], sl, last_only=True)
+    assert_close("continuing prefill last_only", yl1[:, 0], y[:, 14], 1e-5)
+    np.testing.assert_array_equal(np.asarray(sl.length), [15, 15])
 
 
 def test_rows_at_different_lengths(key):
@@ -184,6 +194,8 @@ def test_cache_overflow_raises_eagerly():
         m.step(jnp.zeros((2, D)), state)
     with pytest.raises(ValueError, match=r"length=0 cached tokens \+ 7 new tokens > max_len=5"):
         m.prefill(jnp.zeros((1, 7, D)), m.init_state(1, 5))
+    with pytest.raises(ValueError, match=r"KV cache overflow: a prompt of 7 tokens does not fit max_len=5 slots"):
+        m.prefill(jnp.zeros((1, 7, D)), max_len=5)
 
 
 def test_cache_overflow_gives_nan_under_jit(key):

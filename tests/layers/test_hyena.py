@@ -280,6 +280,15 @@ def test_prefill_then_decode_equals_forward(order, key):
         y_t, state = step(x[:, t], state)
         outs.append(y_t)
     assert_close(f"order {order} step with max_len", jnp.stack(outs, 1), y, 1e-5)
+    # A fresh prefill into a history of max_len positions, last position only, then decoding; and last_only when
+    # continuing a state
+    y_l, state = m.prefill(x[:, :13], max_len=L, last_only=True)
+    assert y_l.shape == (2, 1, D) and state.history.shape == (2, order - 1, L, D)
+    assert_close(f"order {order} fresh prefill last_only", y_l[:, 0], y[:, 12], 1e-5)
+    y_t, _ = step(x[:, 13], state)
+    assert_close(f"order {order} step after a max_len prefill", y_t, y[:, 13], 1e-5)
+    y_l, _ = m.prefill(x[:, 6:13], m.prefill(x[:, :6], m.init_state(2))[1], last_only=True)
+    assert_close(f"order {order} continuing prefill last_only", y_l[:, 0], y[:, 12], 1e-5)
 
 
 def test_decoding_past_the_cache():
@@ -289,6 +298,10 @@ def test_decoding_past_the_cache():
     _, state = m.step(x[:, 3], state)
     with pytest.raises(ValueError, match=r"cannot decode past the cache: position 4 \+ 1 new token\(s\) > 4"):
         m.step(x[:, 0], state)
+    with pytest.raises(ValueError, match=r"max_len=2 must hold the prompt \(l=3\) and be at most l_max"):
+        m.prefill(x[:, :3], max_len=2)
+    with pytest.raises(ValueError, match=r"max_len=\d+ must hold the prompt \(l=3\) and be at most l_max"):
+        m.prefill(x[:, :3], max_len=m.l_max + 1)
     with pytest.raises(ValueError, match=r"position 2 \+ 3 new token\(s\) > 4"):
         m.prefill(x[:, :3], m.prefill(x[:, :2], m.init_state(1, max_len=4))[1])
     # Under jit the position is traced: the output is NaN instead of an error.

@@ -77,11 +77,18 @@ def test_forward_decode_and_causality(name):
     assert len(hidden) == cfg.num_layers and all(h.shape == (b, l, D) for h in hidden)
     assert np.isfinite(np.asarray(logits)).all()
 
-    # prefill of a prefix, a second prefill continuing the state (same shape: no recompile), then one token per
-    # step: == the full forward
-    state = m.init_state(b, l + 3)
-    l1, state = prefill(ids[:, :split], state)
-    l2, state = prefill(ids[:, split:2 * split], state)
+    # prefill of a prefix into an explicit empty state, the same prefix without a state (each mixer's fresh path)
+    # keeping only the last position's logits, then a second prefill continuing that state (same shape: no
+    # recompile), then one token per step: == the full forward, and both prefix states agree
+    l1, state = prefill(ids[:, :split], m.init_state(b, l + 3))
+    last, fresh = jit_apply(m, lambda m, ids: m.prefill(ids, max_len=l + 3, last_only=True))(ids[:, :split])
+    assert last.shape == (b, 1, cfg.padded_vocab_size)
+    assert_close(f"{name} fresh last_only prefill vs forward", last[:, 0], logits[:, split - 1], 1e-5)
+    assert jax.tree.structure(fresh) == jax.tree.structure(state)
+    for i, (a, e) in enumerate(zip(jax.tree.leaves(fresh), jax.tree.leaves(state))):
+        assert a.shape == e.shape and a.dtype == e.dtype, (i, a.shape, e.shape, a.dtype, e.dtype)
+        assert_close(f"{name} fresh vs explicit prefill state leaf {i}", a, e, 1e-5)
+    l2, state = prefill(ids[:, split:2 * split], fresh)
     outs = [l1, l2]
     for t in range(2 * split, l):
         lt, state = step(ids[:, t], state)
