@@ -129,7 +129,7 @@ class Attention(nnx.Module):
                 t = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
                 positions = t - jax.lax.cummax(jnp.where(starts, t, 0), axis=1)
         if positions is None:
-            positions = jnp.arange(l, dtype=jnp.int32)
+            positions = np.arange(l, dtype=np.int32)  # concrete: RoPE tables become constants
         q, k, v = self._qkv(x, positions)
         o = attention(q, k, v, causal=self.causal, segment_ids=seg, window=self.window, softcap=self.softcap,
                       scale=self.scale, impl=self.impl)
@@ -175,7 +175,7 @@ class Attention(nnx.Module):
         check_dims(max_len=max_len)
         if l > max_len:
             raise ValueError(f"KV cache overflow: a prompt of {l} tokens does not fit max_len={max_len} slots")
-        q, k, v = self._qkv(x, jnp.arange(l, dtype=jnp.int32), last_only=last_only)
+        q, k, v = self._qkv(x, np.arange(l, dtype=np.int32), last_only=last_only)
         o = attention(q, k, v, causal=True, window=self.window, softcap=self.softcap, scale=self.scale,
                       q_offset=l - q.shape[1], impl=self.impl)
         dtype = self.dtype or self.k_proj.kernel[...].dtype

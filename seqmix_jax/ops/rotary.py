@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import numbers
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int
 
 from seqmix_jax.ops import _checks as ck
@@ -61,6 +63,7 @@ def apply_rotary(x: Float[Array, "b l h k"], positions: Int[Array, "l"] | Int[Ar
     b, l, _, k = x.shape
     r = k if rotary_dim is None else rotary_dim
     _check_rotary_dim(r, k)
+    positions_in = positions
     positions = jnp.asarray(positions)
     ck.check_int("positions", positions)
     if positions.shape not in ((l,), (b, l)):
@@ -70,17 +73,19 @@ def apply_rotary(x: Float[Array, "b l h k"], positions: Int[Array, "l"] | Int[Ar
         raise ValueError(f"position_scale must be a positive number, got {position_scale!r}")
     if r == 0:
         return x
-    if inv_freq is None:
-        inv_freq = rotary_inv_freq(r, base)
+    if inv_freq is not None:
+        ck.check_shape("inv_freq", jnp.asarray(inv_freq), (r // 2,), "(rotary_dim // 2,)")
+    if _concrete(positions_in) and (inv_freq is None or _concrete(inv_freq)) and positions.size * r <= MAX_TABLE:
+        # Positions known at trace time (the default arange of a forward or a fresh prefill): the cos / sin tables
+        # are computed once, here, and enter the program as constants. Left in the program, XLA fuses them into
+        # the rotation and evaluates cos and sin for every element of x, b * h times over (XLA:CPU: 17 of a
+        # 215 ms Llama prefill at b=8, l=512, h=4, k=64).
+        with jax.ensure_compile_time_eval():
+            cos, sin = _tables(jnp.asarray(positions_in), None if inv_freq is None else jnp.asarray(inv_freq), r,
+                               base, position_scale)
     else:
-        inv_freq = jnp.asarray(inv_freq, jnp.float32)
-        ck.check_shape("inv_freq", inv_freq, (r // 2,), "(rotary_dim // 2,)")
-    pos = positions.astype(jnp.float32)
-    if position_scale != 1.0:
-        pos = pos / jnp.float32(position_scale)
-    angle = pos[..., None] * inv_freq  # (l, r/2) or (b, l, r/2)
-    angle = angle[None, :, None, :] if positions.ndim == 1 else angle[:, :, None, :]
-    cos, sin = jnp.cos(angle), jnp.sin(angle)
+        cos, sin = _tables(positions, inv_freq, r, base, position_scale)
+    cos, sin = (t[None, :, None, :] if positions.ndim == 1 else t[:, :, None, :] for t in (cos, sin))
     xr = x[..., :r].astype(jnp.float32)
     if interleaved:
         a, bb = xr[..., 0::2], xr[..., 1::2]
@@ -93,6 +98,27 @@ def apply_rotary(x: Float[Array, "b l h k"], positions: Int[Array, "l"] | Int[Ar
 
 
 apply_rotary_reference = apply_rotary  # elementwise: the definition is already the fast path
+
+MAX_TABLE = 1 << 19  # positions * rotary_dim up to which concrete positions give constant tables (2 x 1 MiB)
+
+
+def _tables(positions, inv_freq, r, base, position_scale):
+    """cos and sin of the angles (p / position_scale) * inv_freq, (l, r/2) or (b, l, r/2) float32."""
+    inv_freq = rotary_inv_freq(r, base) if inv_freq is None else jnp.asarray(inv_freq, jnp.float32)
+    pos = positions.astype(jnp.float32)
+    if position_scale != 1.0:
+        pos = pos / jnp.float32(position_scale)
+    angle = pos[..., None] * inv_freq
+    return jnp.cos(angle), jnp.sin(angle)
+
+
+def _concrete(a) -> bool:
+    """a is a value known at trace time (numpy, a Python scalar or list, or a committed jax array), not a tracer."""
+    try:
+        np.asarray(a)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return False
+    return True
 
 
 def _check_rotary_dim(r, k: int | None) -> None:

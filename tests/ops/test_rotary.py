@@ -73,6 +73,27 @@ def test_bf16_keeps_dtype_and_is_close(rng):
     np.testing.assert_array_equal(np.asarray(y_jit, np.float32), np.asarray(y, np.float32))
 
 
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_concrete_positions_give_constant_tables(interleaved, rng):
+    """Positions known at trace time (numpy) under jit: the cos / sin tables are constants of the program (no
+    cosine / sine op left for XLA to evaluate per element), with the same result as traced positions (per-row,
+    inv_freq buffer and interpolation included) and as the float64 loop."""
+    x = jnp.asarray(rng.standard_normal((2, 13, 3, 16)), jnp.float32)
+    inv = jnp.asarray(1.0 / (500.0 ** (np.arange(0, 12, 2) / 12)), jnp.float32)
+    for pos, kw in [(np.arange(13) + 4, {}), (rng.integers(0, 900, (2, 13)), dict(inv_freq=inv, position_scale=4.0))]:
+        kw = dict(rotary_dim=12, interleaved=interleaved, **kw)
+        const = jax.jit(lambda x: apply_rotary(x, pos, **kw))
+        traced = jax.jit(lambda x, p: apply_rotary(x, p, **kw))
+        ops = const.lower(x).as_text()
+        assert "cosine" not in ops and "sine" not in ops, ops
+        assert "cosine" in traced.lower(x, jnp.asarray(pos)).as_text()
+        ours = const(x)
+        assert_close(f"rope constant tables vs traced positions {pos.shape}", ours, traced(x, jnp.asarray(pos)), 1e-6)
+        ref = rope_numpy(np.asarray(x), pos, 12, base=500.0 if "inv_freq" in kw else 10000.0,
+                         interleaved=interleaved, scale=kw.get("position_scale", 1.0))
+        assert_close(f"rope constant tables vs numpy {pos.shape}", ours, ref, 1e-5)
+
+
 def test_errors():
     x = jnp.zeros((2, 5, 3, 8))
     pos = jnp.arange(5)
