@@ -20,7 +20,9 @@ Ceiling (Llama rows): an estimate of the fastest any float32 implementation coul
 rates measured in the same run -- the best float32 matmul rate (jnp.matmul and torch.matmul on the prefill's shapes
 and a 2048^3 one) and the memory bandwidth (a jnp / numpy sum over 256 MiB) -- and counts that no float32
 implementation avoids: the prefill's matmul FLOPs (weight matmuls on every prompt token + the causal half of the two
-attention matmuls) and the bytes each decode step reads (every cached key and value, and the weights). At b = 8 a
+attention matmuls, in every layer but the last, where only the keys and values of every prompt token are needed: the
+rest of that layer runs for the last token alone, as ours does) and the bytes each decode step reads (every cached
+key and value, and the weights). At b = 8 a
 step's working set (a 34-42 MiB KV cache + 14 MiB of weights) is larger than the 32 MiB L3 cache and is read in the
 same order every step, so it streams from memory. At b = 1 the working set (19 MiB) fits in the L3 cache, where no
 such bound holds, and no ceiling is given. Elementwise work, softmax, sampling and dispatch are left out, so the true
@@ -103,7 +105,9 @@ def llama_ceiling_s(b, prompt_len, new_tokens, best_gflops, best_gbs, l3_bytes):
     steps = range(prompt_len + 1, prompt_len + new_tokens)  # the cached tokens each decode step attends to
     if l3_bytes is None or cache_bytes(steps[0]) + weight_bytes <= l3_bytes:
         return None
-    prefill_flops = 2 * per_token * b * prompt_len + LAYERS * 2 * 2 * b * (prompt_len ** 2 / 2) * D_MODEL
+    kv_only = 2 * D_MODEL * D_MODEL  # the last layer's k and v projections, per prompt token
+    prefill_flops = (2 * (per_token // LAYERS * (LAYERS - 1) + kv_only) * b * prompt_len
+                     + (LAYERS - 1) * 2 * 2 * b * (prompt_len ** 2 / 2) * D_MODEL)
     step_bytes = sum(cache_bytes(t) + weight_bytes for t in steps)
     return prefill_flops / (best_gflops * 1e9) + step_bytes / (best_gbs * 1e9)
 

@@ -137,6 +137,7 @@ def check_xla_vs_reference(rng, q, k, v, tag="", **kw):
 def small_blocks(monkeypatch):
     monkeypatch.setattr(attn_mod, "BLOCK_Q", 16)
     monkeypatch.setattr(attn_mod, "BLOCK_K", 8)
+    monkeypatch.setattr(attn_mod, "CPU_FORWARD_BLOCK_ELEMENTS", 0)  # forward-only calls keep these blocks too
 
 
 slow = pytest.mark.slow
@@ -222,12 +223,40 @@ def test_block_sizes_do_not_change_the_result(rng, monkeypatch):
     q, k, v = make_qkv(rng, l=45)
     kw = dict(window=20, segment_ids=jnp.asarray(np.concatenate([SEGMENTS, SEGMENTS[:, :8]], 1)))
     outs = []
+    monkeypatch.setattr(attn_mod, "CPU_FORWARD_BLOCK_ELEMENTS", 0)
     for bq, bk in ((45, 45), (8, 32), (32, 8), (1, 1)):
         monkeypatch.setattr(attn_mod, "BLOCK_Q", bq)
         monkeypatch.setattr(attn_mod, "BLOCK_K", bk)
         outs.append(jax.jit(lambda q, k, v: attention(q, k, v, impl="xla", **kw))(q, k, v))
     for out, bs in zip(outs[1:], ("8x32", "32x8", "1x1")):
         assert_close(f"blocks {bs} vs one block", out, outs[0], 1e-5)
+
+
+def test_cpu_forward_grows_its_blocks_and_agrees(rng, monkeypatch):
+    """A forward that is not differentiated grows its blocks on the CPU (to CPU_FORWARD_BLOCK_ELEMENTS per score
+    tile, never beyond l or s); the result equals the constant blocks' and the reference, and a differentiated
+    forward keeps the constants."""
+    assert attn_mod._grown(128, 256, 4, 1 << 20, 512, 512) == (512, 512)  # b=1, h=4, l=512: one block
+    assert attn_mod._grown(128, 256, 8, 1 << 20, 1024, 1024) == (512, 256)
+    assert attn_mod._grown(128, 256, 32, 1 << 20, 512, 512) == (128, 256)  # b=8: the tile is big enough
+    assert attn_mod._grown(1, 256, 32, 1 << 20, 1, 512) == (1, 512)  # one query (a last-position prefill)
+    assert attn_mod._grown(97, 256, 4, 1 << 20, 97, 300) == (97, 300)  # short sequences: one block, no more
+    q, k, v = make_qkv(rng, l=45)
+    kw = dict(window=20, segment_ids=jnp.asarray(np.concatenate([SEGMENTS, SEGMENTS[:, :8]], 1)))
+    monkeypatch.setattr(attn_mod, "BLOCK_Q", 4)
+    monkeypatch.setattr(attn_mod, "BLOCK_K", 4)
+    fwd = lambda q, k, v: attention(q, k, v, impl="xla", **kw)
+    bh = q.shape[0] * q.shape[2]
+    seen = []
+    real_forward = attn_mod._forward
+    monkeypatch.setattr(attn_mod, "_forward", lambda cfg, *a: seen.append((cfg.bq, cfg.bk)) or real_forward(cfg, *a))
+    for tile in (0, bh * 16 * 8):  # constants 4 x 4, then grown to 16 x 8 (three query blocks of 16, six of 8 keys)
+        monkeypatch.setattr(attn_mod, "CPU_FORWARD_BLOCK_ELEMENTS", tile)
+        out = jax.jit(lambda q, k, v: fwd(q, k, v))(q, k, v)  # a new function: traced again
+        assert_close(f"forward with a tile of {tile} elements vs reference", out,
+                     attention_reference(q, k, v, **kw), 1e-5)
+    jax.jit(jax.grad(lambda q: jnp.sum(fwd(q, k, v))))(q)  # differentiated: the constants
+    assert seen == [(4, 4), (16, 8), (4, 4)], seen
 
 
 def test_block_sizes_grow_on_accelerators_only():
@@ -269,7 +298,8 @@ def _fwd_bwd(impl):
 
 def test_xla_training_memory_is_linear_in_length():
     """Compiled only. One (l, s) float32 score matrix per head is 64 MiB at l = s = 2048, h = 4: xla's forward+
-    backward temporaries stay far below it and double (not quadruple) with l; the reference's exceed it."""
+    backward temporaries, and a forward's alone, stay far below it and double (not quadruple) with l; the
+    reference's exceed it."""
     h, g, dk = 4, 2, 64
     shapes = lambda l: ((1, l, h, dk), (1, l, g, dk), (1, l, g, dk))
     scores = 2048 * 2048 * 4 * h
@@ -280,7 +310,11 @@ def test_xla_training_memory_is_linear_in_length():
     assert t_ref > scores  # the measurement does see materialized scores
     assert t2k < scores / 4
     assert t4k < 2.2 * t2k
-    assert _temp_bytes(lambda q, k, v: attention(q, k, v, impl="xla"), *shapes(2048)) < scores / 8
+    # A forward alone (grown blocks on the CPU: score tiles of CPU_FORWARD_BLOCK_ELEMENTS) stays linear as well.
+    fwd = lambda q, k, v: attention(q, k, v, impl="xla")
+    f2k, f4k = _temp_bytes(fwd, *shapes(2048)), _temp_bytes(fwd, *shapes(4096))
+    print(f"forward temp: xla {f2k / 2**20:.1f} MiB at l=2048, {f4k / 2**20:.1f} MiB at 4096")
+    assert f2k < scores / 4 and f4k < 2.2 * f2k
 
 
 # --- errors ----------------------------------------------------------------------------------------------
