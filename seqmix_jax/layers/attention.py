@@ -17,8 +17,9 @@ reused by a later, non-adjacent document starts a new document (like the recurre
 
 Decoding keeps an explicit `KVCache` of `max_len` slots per row. `prefill` and `step` write the new (rotated) keys
 and values at slots length, length+1, ... and attend over the whole cache with `q_offset = length`: unfilled slots
-lie after every query and are masked by causality, a sliding window by the window rule. The cache is not a ring
-buffer: a windowed layer still holds max_len slots.
+lie after every query and are masked by causality, a sliding window by the window rule (a prefill without a state
+attends to the prompt's own keys instead, then pads them into a fresh cache). The cache is not a ring buffer: a
+windowed layer still holds max_len slots.
 
 Capacity: writing past `max_len` raises ValueError when the lengths are concrete (eager code). Under `jit` the
 lengths are tracers and nothing can raise, so an overflowing row's outputs are NaN (and stay NaN: its length keeps
@@ -157,8 +158,7 @@ class Attention(nnx.Module):
         self._check_x(x)
         if state is None:
             return self._fresh(x, x.shape[1] if max_len is None else max_len, last_only)
-        y, state = self._extend(x, state, last_only)
-        return y, state
+        return self._extend(x, state, last_only)
 
     def step(self, x: Float[Array, "b d"], state: KVCache) -> tuple[Float[Array, "b d"], KVCache]:
         """One token per row: x (b, d) at position `state.length` -> (y (b, d), state)."""

@@ -1,7 +1,6 @@
 """Autoregressive generation with explicit per-layer decoding states.
 
-    state = model.init_state(b, max_len)
-    logits, state = prefill(prompt, state)              one jitted call over the whole prompt
+    logits, state = prefill(prompt, max_len=max_len, last_only=True)     one jitted call over the whole prompt
     t_0 = sample(logits[:, -1])
     repeat: logits, state = step(t_{i-1}, state); t_i = sample(logits)     one jitted lax.while_loop
 

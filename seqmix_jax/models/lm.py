@@ -38,7 +38,8 @@ padded vocabulary (as mamba_ssm and transformers' Mamba do); ids >= vocab_size a
 `generate` never samples them.
 
 Decoding: `init_state(b, max_len)` -> a tuple of per-layer mixer states (KV caches, SSM states, FIR + modal
-states, Hyena histories); `prefill(ids, state)` and `step(tokens, state)` advance all layers. Every row of a
+states, Hyena histories); `prefill(ids, state)` and `step(tokens, state)` advance all layers (`prefill(ids,
+max_len=..., last_only=True)` is what generation runs: fresh states, the last position's logits only). Every row of a
 batch must be at the same position for Hyena layers (their state has one scalar position). MLP and MoE channel
 mixers are position-wise and keep no state (a step runs the MoE on a length-1 sequence).
 
