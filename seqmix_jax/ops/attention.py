@@ -191,11 +191,12 @@ BLOCK_K = 256  # keys per block; min(BLOCK_K, s) when s is shorter
 # h=4, k=64, l=16384, causal, fwd / fwd+bwd: 128 x 256 blocks 116 / 240 ms, 2048 x 1024 (what this picks)
 # 6.9 / 18 ms, the materialized reference 8.6 / 21 ms. On CPU small blocks stay in cache and skip more masked work.
 ACCEL_BLOCK_ELEMENTS = 1 << 23
-# A forward that is not differentiated (inference: a prefill, an eval) on the CPU grows its blocks until a score tile
-# has this many elements (4 MiB of float32). CI machine, h=4, k=64, causal, forward, 128 x 256 -> grown blocks:
-# b=1 l=512 1.46x faster (512 x 512), b=1 l=2048 1.6x, b=2 l=1024 1.4x; b=8 l=512 keeps 128 x 256 (its tile is this
-# size already; 256 x 256 there was 7% slower). The backward keeps the constants: grown blocks made it up to 1.3x
-# slower (b=2, l=1024), so a differentiated forward keeps them too (its blocks are the backward's).
+# A forward that is not differentiated (inference: a prefill, an eval) on the CPU starts from square blocks
+# (bk = bq: a causal diagonal block then wastes less masked work) and grows them until a score tile has this many
+# elements (4 MiB of float32). CI machine, h=4, k=64, causal, forward, against the constants' 128 x 256:
+# b=1 l=512 1.46x faster (512 x 512), b=1 l=2048 1.6x, b=2 l=1024 1.4x (512 x 256), b=8 l=512 1.14x (256 x 128),
+# b=16 l=256 1.6x (128 x 128). The backward keeps the constants: grown blocks made it up to 1.3x slower (b=2,
+# l=1024), so a differentiated forward keeps them too (its blocks are the backward's).
 CPU_FORWARD_BLOCK_ELEMENTS = 1 << 20
 
 
@@ -410,8 +411,8 @@ def _forward(cfg, q, k, v, q_seg, kv_seg, offsets):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _flash(cfg, q, k, v, q_seg, kv_seg, offsets):
     # Only a forward that is not differentiated runs here (see CPU_FORWARD_BLOCK_ELEMENTS).
-    if jax.default_backend() == "cpu":
-        bq, bk = _grown(cfg.bq, cfg.bk, q.shape[0] * q.shape[2], CPU_FORWARD_BLOCK_ELEMENTS, cfg.l, cfg.s)
+    if jax.default_backend() == "cpu" and CPU_FORWARD_BLOCK_ELEMENTS:
+        bq, bk = _grown(cfg.bq, min(cfg.bk, cfg.bq), q.shape[0] * q.shape[2], CPU_FORWARD_BLOCK_ELEMENTS, cfg.l, cfg.s)
         cfg = cfg._replace(bq=bq, bk=bk)
     return _forward(cfg, q, k, v, q_seg, kv_seg, offsets)[0].astype(q.dtype)
 

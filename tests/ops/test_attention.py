@@ -233,9 +233,9 @@ def test_block_sizes_do_not_change_the_result(rng, monkeypatch):
 
 
 def test_cpu_forward_grows_its_blocks_and_agrees(rng, monkeypatch):
-    """A forward that is not differentiated grows its blocks on the CPU (to CPU_FORWARD_BLOCK_ELEMENTS per score
-    tile, never beyond l or s); the result equals the constant blocks' and the reference, and a differentiated
-    forward keeps the constants."""
+    """A forward that is not differentiated grows its blocks on the CPU (from square blocks to
+    CPU_FORWARD_BLOCK_ELEMENTS per score tile, never beyond l or s); the result equals the constant blocks' and the
+    reference, and a differentiated forward keeps the constants."""
     assert attn_mod._grown(128, 256, 4, 1 << 20, 512, 512) == (512, 512)  # b=1, h=4, l=512: one block
     assert attn_mod._grown(128, 256, 8, 1 << 20, 1024, 1024) == (512, 256)
     assert attn_mod._grown(128, 256, 32, 1 << 20, 512, 512) == (128, 256)  # b=8: the tile is big enough
@@ -244,19 +244,19 @@ def test_cpu_forward_grows_its_blocks_and_agrees(rng, monkeypatch):
     q, k, v = make_qkv(rng, l=45)
     kw = dict(window=20, segment_ids=jnp.asarray(np.concatenate([SEGMENTS, SEGMENTS[:, :8]], 1)))
     monkeypatch.setattr(attn_mod, "BLOCK_Q", 4)
-    monkeypatch.setattr(attn_mod, "BLOCK_K", 4)
+    monkeypatch.setattr(attn_mod, "BLOCK_K", 8)
     fwd = lambda q, k, v: attention(q, k, v, impl="xla", **kw)
     bh = q.shape[0] * q.shape[2]
     seen = []
     real_forward = attn_mod._forward
     monkeypatch.setattr(attn_mod, "_forward", lambda cfg, *a: seen.append((cfg.bq, cfg.bk)) or real_forward(cfg, *a))
-    for tile in (0, bh * 16 * 8):  # constants 4 x 4, then grown to 16 x 8 (three query blocks of 16, six of 8 keys)
+    for tile in (0, bh * 16 * 8):  # constants 4 x 8; grown from square 4 x 4 blocks to 16 x 8 (3 x 6 blocks)
         monkeypatch.setattr(attn_mod, "CPU_FORWARD_BLOCK_ELEMENTS", tile)
         out = jax.jit(lambda q, k, v: fwd(q, k, v))(q, k, v)  # a new function: traced again
         assert_close(f"forward with a tile of {tile} elements vs reference", out,
                      attention_reference(q, k, v, **kw), 1e-5)
     jax.jit(jax.grad(lambda q: jnp.sum(fwd(q, k, v))))(q)  # differentiated: the constants
-    assert seen == [(4, 4), (16, 8), (4, 4)], seen
+    assert seen == [(4, 8), (16, 8), (4, 8)], seen
 
 
 def test_block_sizes_grow_on_accelerators_only():
