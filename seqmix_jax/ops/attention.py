@@ -194,9 +194,9 @@ ACCEL_BLOCK_ELEMENTS = 1 << 23
 # A forward that is not differentiated (inference: a prefill, an eval) on the CPU starts from square blocks
 # (bk = bq: a causal diagonal block then wastes less masked work) and grows them until a score tile has this many
 # elements (4 MiB of float32). CI machine, h=4, k=64, causal, forward, against the constants' 128 x 256:
-# b=1 l=512 1.46x faster (512 x 512), b=1 l=2048 1.6x, b=2 l=1024 1.4x (512 x 256), b=8 l=512 1.14x (256 x 128),
-# b=16 l=256 1.6x (128 x 128). The backward keeps the constants: grown blocks made it up to 1.3x slower (b=2,
-# l=1024), so a differentiated forward keeps them too (its blocks are the backward's).
+# b=1 l=512 1.43x faster (512 x 512), b=1 l=2048 1.72x, b=2 l=1024 1.47x (512 x 256), b=8 l=512 1.12x (256 x 128),
+# b=16 l=256 1.45x (128 x 128), paired runs. The backward keeps the constants: grown blocks made it up to 1.3x slower
+# (b=2, l=1024), so a differentiated forward keeps them too (its blocks are the backward's).
 CPU_FORWARD_BLOCK_ELEMENTS = 1 << 20
 
 

@@ -316,3 +316,17 @@ def test_call_and_decode_errors():
         m.prefill(jnp.zeros((1, 4, D)), segment_ids=jnp.zeros((1, 4), jnp.int32))
     with pytest.raises(NotImplementedError, match="needs causal=True"):
         make("mha", causal=False).init_state(1, 4)
+
+
+def test_forward_and_fresh_prefill_carry_constant_rope_tables(key):
+    """The default positions (a forward, a fresh prefill) are numpy: the RoPE cos / sin tables are constants of the
+    compiled program, not cosines evaluated per element; a prefill continuing a cache (traced positions) computes
+    them."""
+    m = make()
+    x = jax.random.normal(key, (2, 9, D))
+    assert m.rotary_dim
+    for name, fn, args in [("forward", lambda x: m(x), (x,)),
+                           ("fresh prefill", lambda x: m.prefill(x, max_len=12), (x,)),
+                           ("fresh prefill last_only", lambda x: m.prefill(x, max_len=12, last_only=True), (x,))]:
+        assert "cosine" not in jax.jit(fn).lower(*args).as_text(), name
+    assert "cosine" in jax.jit(lambda x, s: m.prefill(x, s)).lower(x, m.init_state(2, 12)).as_text()

@@ -75,11 +75,11 @@ def test_bf16_keeps_dtype_and_is_close(rng):
 
 @pytest.mark.parametrize("interleaved", [False, True])
 def test_concrete_positions_give_constant_tables(interleaved, rng):
-    """Positions known at trace time (numpy) under jit: the cos / sin tables are constants of the program (no
+    """Positions given as numpy under jit: the cos / sin tables are constants of the program (no
     cosine / sine op left for XLA to evaluate per element), with the same result as traced positions (per-row,
     inv_freq buffer and interpolation included) and as the float64 loop."""
     x = jnp.asarray(rng.standard_normal((2, 13, 3, 16)), jnp.float32)
-    inv = jnp.asarray(1.0 / (500.0 ** (np.arange(0, 12, 2) / 12)), jnp.float32)
+    inv = (1.0 / (500.0 ** (np.arange(0, 12, 2) / 12))).astype(np.float32)
     for pos, kw in [(np.arange(13) + 4, {}), (rng.integers(0, 900, (2, 13)), dict(inv_freq=inv, position_scale=4.0))]:
         kw = dict(rotary_dim=12, interleaved=interleaved, **kw)
         const = jax.jit(lambda x: apply_rotary(x, pos, **kw))
