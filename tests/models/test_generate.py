@@ -42,6 +42,27 @@ def test_greedy_equals_argmax_of_full_forward(name):
     np.testing.assert_array_equal(np.asarray(out), ref)
 
 
+def test_decode_loop_options_per_model():
+    """On the CPU, models without attention layers decode with YNNPACK kept to the matmuls (when this jaxlib takes
+    the option: it does on the CI's), attention models with the default options; both loops give the same tokens
+    (test_greedy_equals_argmax_of_full_forward checks the chosen one against the full forward for every preset)."""
+    import importlib
+
+    gen = importlib.import_module("seqmix_jax.models.generate")
+    assert jax.default_backend() == "cpu"
+    assert gen._cpu_option_supported()  # jax 0.10 / 0.11 XLA:CPU know the option; a refusal would fall back
+    mamba, llama = build(CONFIGS["mamba"]), build(CONFIGS["llama"])
+    assert gen._decode_for(mamba) is gen._decode_cpu_dot_only
+    assert gen._decode_for(llama) is gen._decode and gen._decode_for(build(CONFIGS["pattern"])) is gen._decode
+    gd, params = nnx.split(mamba)
+    samp = _Sampling(temperature=0.0, top_k=None, top_p=None, vocab_size=V)
+    key = jax.random.key(0)
+    first, state = gen._prefill(gd, params, ids_of(3, 2, PROMPT), key, PROMPT + NEW, samp)
+    a, b = (np.asarray(f(gd, params, first, state, key, NEW, samp, None))
+            for f in (gen._decode, gen._decode_cpu_dot_only))
+    np.testing.assert_array_equal(a, b)
+
+
 def test_eos_padding_topk1_topp_tiny_and_seeds():
     m = build(CONFIGS["llama"])
     prompt = ids_of(12, 3, PROMPT)
