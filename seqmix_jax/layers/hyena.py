@@ -308,10 +308,7 @@ class HyenaOperator(nnx.Module):
             history = history.at[:, o].set(hist_o)
             y_all = fftconv(hist_o, state.k[o], skip[o], impl=self.impl)
             v = jax.lax.dynamic_slice(y_all, (0, pos, 0), (b, l, self.d_model)).astype(v.dtype)
-        x0 = xs[0]
-        if last_only:
-            v, x0 = v[:, -1:], x0[:, -1:]
-        y = _nan_past_end(self._out(v, x0), pos + l <= cap)
+        y = _nan_past_end(self._out(v, xs[0], last_only), pos + l <= cap)
         return y, HyenaState(conv, history, pos + l, state.k)
 
     def step(self, x: Float[Array, "b d"], state: HyenaState) -> tuple[Float[Array, "b d"], HyenaState]:
@@ -351,10 +348,7 @@ class HyenaOperator(nnx.Module):
             v = v * x_i
             inputs.append(v)
             v = fftconv(v, k[o], skip[o], impl=self.impl)
-        x0 = xs[0]
-        if last_only:
-            v, x0 = v[:, -1:], x0[:, -1:]
-        return self._out(v, x0), inputs, conv
+        return self._out(v, xs[0], last_only), inputs, conv
 
     def _gates(self, x, conv_state):
         u = self.in_proj(x)
@@ -368,7 +362,9 @@ class HyenaOperator(nnx.Module):
         chunks = [uc[..., i * d:(i + 1) * d] for i in range(self.order + 1)]
         return chunks[:-1], chunks[-1]
 
-    def _out(self, v, x0):
+    def _out(self, v, x0, last_only=False):
+        if last_only:  # the output gate and out_proj at the last position alone
+            v, x0 = v[:, -1:], x0[:, -1:]
         return self.out_proj(ACTIVATIONS[self.activation](v * x0))
 
     def _cast(self, p):

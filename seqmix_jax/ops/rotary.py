@@ -22,6 +22,7 @@ float32 and cast back to x.dtype (transformers rounds cos/sin to the activation 
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 
 import jax
@@ -76,16 +77,13 @@ def apply_rotary(x: Float[Array, "b l h k"], positions: Int[Array, "l"] | Int[Ar
     if inv_freq is not None:
         ck.check_shape("inv_freq", jnp.asarray(inv_freq), (r // 2,), "(rotary_dim // 2,)")
     known = isinstance(positions_in, np.ndarray) and (inv_freq is None or isinstance(inv_freq, np.ndarray))
-    if known and positions.size * r <= MAX_TABLE:
-        # Positions given as numpy (the default arange of a forward or a fresh prefill): the cos / sin tables
-        # are computed once, here, and enter the program as constants. Left in the program, XLA fuses them into
-        # the rotation and evaluates cos and sin for every element of x, b * h times over (XLA:CPU: 17 of a
-        # 215 ms Llama prefill at b=8, l=512, h=4, k=64).
-        with jax.ensure_compile_time_eval():
-            cos, sin = _tables(jnp.asarray(positions_in), None if inv_freq is None else jnp.asarray(inv_freq), r,
-                               base, position_scale)
-    else:
-        cos, sin = _tables(positions, inv_freq, r, base, position_scale)
+    # Positions given as numpy (the default arange of a forward or a fresh prefill): the cos / sin tables are
+    # computed once, here, and enter the program as constants. Left in the program, XLA fuses them into the rotation
+    # and evaluates cos and sin for every element of x, b * h times over (XLA:CPU: 17 of a 215 ms Llama prefill at
+    # b=8, l=512, h=4, k=64).
+    constant = known and positions.size * r <= MAX_TABLE
+    with jax.ensure_compile_time_eval() if constant else contextlib.nullcontext():
+        cos, sin = _tables(jnp.asarray(positions_in), inv_freq, r, base, position_scale)
     cos, sin = (t[None, :, None, :] if positions.ndim == 1 else t[:, :, None, :] for t in (cos, sin))
     xr = x[..., :r].astype(jnp.float32)
     if interleaved:
