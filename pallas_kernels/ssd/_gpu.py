@@ -1,9 +1,15 @@
-"""SSD on GPU (Pallas lowered through Triton): one program per (batch, head, head-dim block) walks the chunks.
+"""SSD on GPU (Pallas lowered through Triton).
 
-Grid (b, h, P / bp). A program keeps its state slice S (bp, N) in registers and visits the Q-step chunks in
-order (a `fori_loop`), so nothing of size (b, l, h, p, n) ever exists; the backward program walks them in
-reverse with the adjoint dS. Per chunk every product is a 2-D `dot` with float32 accumulation (Triton needs
-power-of-two dims >= 16: Q, bp and the padded state N are). Vectors over the chunk are 1-D (Q,).
+Forward: grid (b, h, P / bp). A program keeps its state slice S (bp, N) in registers and visits the Q-step
+chunks in order (a `fori_loop`), so nothing of size (b, l, h, p, n) ever exists; with `save_states` it also
+writes each chunk's start state (b, h, l / Q, P, N). Backward: `ssd_bwd_state` walks the chunks in reverse the
+same way, carrying only the adjoint dS (one product per chunk), and saves each chunk's dS_next; then two
+chunk-parallel kernels, grid (h * P / bp, l / Q, b), compute every chunk's adjoints from its start state and
+dS_next: `ssd_bwd_bc` those of B, C and the log decays, `ssd_bwd_x` those of x and delta. (An earlier single
+backward kernel walked the chunks carrying S and dS at once: b * h programs, and ptxas spilled 1.1-1.9 KB per
+thread in every chunk step at sm_90; see BENCHMARKS.md.) Per chunk every product is a 2-D `dot` with float32
+accumulation (Triton needs power-of-two dims >= 16: Q, bp and the padded state N are). Vectors over the chunk
+are 1-D (Q,).
 
 Canonical (padded) arrays, shared with the TPU variant through `kernel.py`:
   x (b, Lp, h, Pp); delta, a (b, h, Lp) float32; B, C (b, Lp, g, Np); D (h, Pp) float32;
@@ -58,8 +64,7 @@ def chunk_decays(a, seg, Q):
     exp(last) (S_prev -> S_next); cum = inclusive cumsum of a, last = cum[Q - 1]. `seg` = (r (Q,), r0): the
     steps' segment indices and the one S_prev belongs to; factors across a segment start are 0."""
     iq = lax.broadcasted_iota(jnp.int32, (Q,), 0)
-    cum = jnp.cumsum(a)
-    last = jnp.sum(jnp.where(iq == Q - 1, cum, 0.0))
+    cum, last = _cumsum_last(a, Q)
     keep = iq[:, None] >= iq[None, :]
     bounds = None
     if seg is not None:
@@ -69,6 +74,12 @@ def chunk_decays(a, seg, Q):
     diff = jnp.where(keep, cum[:, None] - cum[None, :], 0.0)  # masked first: no overflow above the diagonal
     L = jnp.where(keep, jnp.exp(diff), 0.0)
     return (L, *boundary_decays(cum, last, bounds))
+
+
+def _cumsum_last(a, Q):
+    """(cum, last): the inclusive cumsum of a (Q,) and its last entry (a masked sum: no dynamic index)."""
+    cum = jnp.cumsum(a)
+    return cum, jnp.sum(jnp.where(lax.broadcasted_iota(jnp.int32, (Q,), 0) == Q - 1, cum, 0.0))
 
 
 def boundary_decays(cum, last, bounds):
@@ -161,12 +172,25 @@ def forward(cfg, x, delta, a, B, C, D, S0, r, r0, *, save_states):
 
 
 # --- backward --------------------------------------------------------------------------------------------
+# Two kernels. `ssd_bwd_state` walks the chunks in reverse per (batch, head, p block), like the forward, with one
+# product per chunk: it saves every chunk's dS_next (the adjoint of the state the chunk ends in) and returns dS0.
+# `ssd_bwd` then runs one program per (head, p block, chunk, batch): a chunk's adjoints depend only on its own
+# inputs, its start state (saved by the forward) and dS_next, so the chunks are independent. The grid fills the
+# GPU whatever b * h is, and no state is carried across a loop (registers go to the chunk's tiles).
 
-def chunk_backward(x, delta, a, B, C, dy, S, dS, Dv, segc, Q, mm, ss, sd, sm, put):
-    """Adjoints of one chunk; S = S_prev (bp, N), dS = dL/dS_next. Each result goes to `put(name, value)` as
-    soon as it is known (short live ranges: fewer registers): dC, dB (Q, N), dx (Q, bp), ddx = sum_p dxbar x,
-    da (Q,); returns (dS_prev, sum_q dy x). Derivation: y = M xbar + (win C) S^T + D x with M = G o L,
-    G = C B^T; S_next = carry S + xbar^T (wout B); L, win, wout, carry are exponentials of cumsums of a."""
+def state_adjoint(dy, C, a, segc, dS, Q, mm, ss, sd):
+    """dS_prev = carry dS_next + dy^T (win C): the adjoint of a chunk's start state, from dS_next (bp, N)."""
+    cum, last = _cumsum_last(a, Q)
+    bounds = None if segc is None else (segc[0], segc[1], jnp.max(segc[0]))
+    win, _, carry = boundary_decays(cum, last, bounds)
+    return carry * dS + dot(dy, win[:, None] * C.astype(F32), mm, ta=True, split=sd + ss)
+
+
+def chunk_backward_bc(x, delta, a, B, C, dy, S, dS, segc, Q, mm, ss, sd, put):
+    """The adjoints of one chunk that reach B, C and the log decays; S = S_prev (bp, N), dS = dL/dS_next. Each
+    result goes to `put(name, value)` as soon as it is known (short live ranges: fewer registers): dC, dB (Q, N),
+    da (Q,). Derivation: y = M xbar + (win C) S^T + D x with M = G o L, G = C B^T, xbar = delta x;
+    S_next = carry S + xbar^T (wout B); L, win, wout, carry are exponentials of cumsums of a."""
     L, win, wout, carry = chunk_decays(a, segc, Q)
     dyS = dot(dy, S, mm, split=sd + ss)  # (Q, N): dy S_prev
     dlast = carry * jnp.sum(dS * S)  # last = cum[Q - 1], through carry = exp(last); S_prev is done here
@@ -180,77 +204,123 @@ def chunk_backward(x, delta, a, B, C, dy, S, dS, Dv, segc, Q, mm, ss, sd, sm, pu
     xdS = delta[:, None] * dot(x, dS, mm, split=ss)  # (Q, N): xbar dS_next
     t_out = wout * jnp.sum(B.astype(F32) * xdS, axis=1)  # through wout = exp(last - cum)
     put("dB", dot(dG, C, mm, ta=True) + wout[:, None] * xdS)
-    dxbar = dot(M, dy, mm, ta=True, split=sm + (sd and "b")) + wout[:, None] * dot(B, dS, mm, tb=True, split=ss)
-    put("dx", dxbar * delta[:, None] + Dv[None, :] * dy.astype(F32))
-    put("ddx", jnp.sum(dxbar * x.astype(F32), axis=1))
     iq = lax.broadcasted_iota(jnp.int32, (Q,), 0)
     dcum = dcum - t_out + jnp.where(iq == Q - 1, dlast + jnp.sum(t_out), 0.0)
     put("da", jnp.sum(jnp.where(iq[None, :] >= iq[:, None], dcum[None, :], 0.0), axis=1))  # reverse cumsum
-    dS_prev = carry * dS + dot(dy, win[:, None] * C.astype(F32), mm, ta=True, split=sd + ss)
-    return dS_prev, jnp.sum(dy.astype(F32) * x.astype(F32), axis=0)
 
 
-def _bwd_kernel(*refs, Q, nc, seg, mm, ss, sd, sm):
-    (x_ref, delta_ref, a_ref, B_ref, C_ref, D_ref, st_ref, dy_ref, dSf_ref), seg_refs, outs, _ = _split_refs(
-        refs, 9, seg, 7)
-    dx_ref, ddx_ref, da_ref, dB_ref, dC_ref, dD_ref, dS0_ref = outs
-    bp = x_ref.shape[-1]
-    Dv = D_ref[...]
+def chunk_backward_x(x, delta, a, B, C, dy, dS, Dv, segc, Q, mm, ss, sd, sm, put):
+    """The adjoints of one chunk that reach x and delta through xbar = delta x (see `chunk_backward_bc`):
+    dx (Q, bp), ddx = sum_p dxbar x (Q,), and dD = sum_q dy x (bp,), each to `put(name, value)`."""
+    L, _, wout, _ = chunk_decays(a, segc, Q)
+    M = dot(C, B, mm, tb=True) * L
+    dxbar = dot(M, dy, mm, ta=True, split=sm + (sd and "b")) + wout[:, None] * dot(B, dS, mm, tb=True, split=ss)
+    put("dx", dxbar * delta[:, None] + Dv[None, :] * dy.astype(F32))
+    put("ddx", jnp.sum(dxbar * x.astype(F32), axis=1))
+    put("dD", jnp.sum(dy.astype(F32) * x.astype(F32), axis=0))
 
-    def body(k, carry):
-        dS, dD = carry
+
+def _bwd_state_kernel(*refs, Q, nc, seg, mm, ss, sd):
+    (a_ref, C_ref, dy_ref, dSf_ref), seg_refs, (dst_ref, dS0_ref), _ = _split_refs(refs, 4, seg, 2)
+
+    def body(k, dS):
         c = nc - 1 - k
         rows = pl.ds(pl.multiple_of(c * Q, Q), Q)
         segc = (seg_refs[0][rows], jnp.max(seg_refs[1][rows])) if seg else None
-        S = st_ref[c]
-        x, dy = x_ref[rows, :], dy_ref[rows, :]  # input / output dtype
-        dst = dict(dx=dx_ref, ddx=ddx_ref, da=da_ref, dB=dB_ref, dC=dC_ref)
+        dst_ref[c] = dS
+        return state_adjoint(dy_ref[rows, :], C_ref[rows, :], a_ref[rows], segc, dS, Q, mm, ss, sd)
 
-        def put(name, value):
-            ref = dst[name]
-            ref[rows, ...] = value.astype(ref.dtype)
+    dS0_ref[...] = lax.fori_loop(0, nc, body, dSf_ref[...])
 
-        dS, dDc = chunk_backward(x, delta_ref[rows], a_ref[rows], B_ref[rows, :], C_ref[rows, :], dy, S, dS, Dv,
-                                 segc, Q, mm, ss, sd, sm, put)
-        return dS, dD + dDc
 
-    dS0, dD = lax.fori_loop(0, nc, body, (dSf_ref[...], jnp.zeros((bp,), F32)))
-    dS0_ref[...] = dS0
-    dD_ref[...] = dD
+def _putter(names, refs):
+    dst = dict(zip(names, refs))
+
+    def put(name, value):
+        ref = dst[name]
+        ref[...] = value.astype(ref.dtype)
+    return put
+
+
+def _bwd_bc_kernel(*refs, Q, seg, mm, ss, sd):
+    (x_ref, delta_ref, a_ref, B_ref, C_ref, S_ref, dS_ref, dy_ref), seg_refs, outs, _ = _split_refs(
+        refs, 8, seg, 3)
+    segc = (seg_refs[0][...], jnp.max(seg_refs[1][...])) if seg else None
+    chunk_backward_bc(x_ref[...], delta_ref[...], a_ref[...], B_ref[...], C_ref[...], dy_ref[...], S_ref[...],
+                      dS_ref[...], segc, Q, mm, ss, sd, _putter(("dB", "dC", "da"), outs))
+
+
+def _bwd_x_kernel(*refs, Q, seg, mm, ss, sd, sm):
+    (x_ref, delta_ref, a_ref, B_ref, C_ref, D_ref, dS_ref, dy_ref), seg_refs, outs, _ = _split_refs(
+        refs, 8, seg, 3)
+    segc = (seg_refs[0][...], jnp.max(seg_refs[1][...])) if seg else None
+    chunk_backward_x(x_ref[...], delta_ref[...], a_ref[...], B_ref[...], C_ref[...], dy_ref[...], dS_ref[...],
+                     D_ref[...], segc, Q, mm, ss, sd, sm, _putter(("dx", "ddx", "dD"), outs))
+
+
+def _chunk_specs(h, g, Q, bp, npb, Np):
+    """BlockSpecs over the chunk-parallel grid (h * npb, nc, b): program (j, c, i) is head j // npb, p block
+    j % npb, chunk c, batch row i (heads vary fastest: a group's B / C rows are read while in L2)."""
+    hg = h // g
+    head = (lambda j: j) if npb == 1 else (lambda j: lax.div(j, npb))
+    pb = (lambda j: 0) if npb == 1 else (lambda j: lax.rem(j, npb))
+    return dict(x=pl.BlockSpec((None, Q, None, bp), lambda j, c, i: (i, c, head(j), pb(j))),
+                head_l=pl.BlockSpec((None, None, Q), lambda j, c, i: (i, head(j), c)),
+                group=pl.BlockSpec((None, Q, None, Np), lambda j, c, i: (i, c, lax.div(head(j), hg), 0)),
+                D=pl.BlockSpec((None, bp), lambda j, c, i: (head(j), pb(j))),
+                state=pl.BlockSpec((None, None, None, bp, Np), lambda j, c, i: (i, head(j), c, pb(j), 0)),
+                seg=[pl.BlockSpec((None, Q), lambda j, c, i: (i, c))] * 2,
+                per_prog_l=pl.BlockSpec((None, None, None, Q), lambda j, c, i: (i, head(j), pb(j), c)),
+                per_prog_n=pl.BlockSpec((None, Q, None, Np), lambda j, c, i: (i, c, j, 0)),
+                dD=pl.BlockSpec((None, None, None, bp), lambda j, c, i: (i, c, head(j), pb(j))))
 
 
 def backward(cfg, x, delta, a, B, C, D, states, r, r0, dy, dSf):
     """Canonical gradients: dx (x.dtype), d delta through xbar and da (b, h, Lp), dB, dC (b, Lp, g, Np) f32,
     dD (h, Pp), dS0.
 
-    dB and dC are written per (head, p block) program, da and d delta per p block, dD per batch row, and
-    summed here in XLA (over the heads of a group and the p blocks)."""
+    dB and dC are written per (head, p block) and chunk, da and d delta per p block, dD per (batch row,
+    chunk), and summed here in XLA (over the heads of a group and the p blocks)."""
     b, Lp, h, Pp = x.shape
     g, Np = B.shape[2], B.shape[3]
-    Q, bp, hg = cfg.chunk, cfg.block_p_bwd, h // g
-    nc, npb = Lp // Q, Pp // bp
+    Q, hg = cfg.chunk, h // g
+    nc = Lp // Q
     seg = r is not None
+    segs = [r, r0] if seg else []
+    interpret = interpret_arg("gpu", cfg.interpret)
+
+    # 1. dS_next of every chunk, walking the chunks in reverse (the forward's p block: more programs)
+    bp = cfg.block_p
     sp = _specs(x, B, bp, nc)
-    in_specs = [sp["x"], sp["head_l"], sp["head_l"], sp["group"], sp["group"], sp["D"], sp["states"], sp["x"],
-                sp["state"]]
-    args = [x, delta, a, B, C, D, states, dy, dSf]
-    if seg:
-        in_specs += sp["seg"]
-        args += [r, r0]
-    per_prog_l = pl.BlockSpec((None, None, None, Lp), lambda i, j, k: (i, j, k, 0))
-    per_prog_n = pl.BlockSpec((None, Lp, None, Np), lambda i, j, k: (i, 0, j * npb + k, 0))
-    out_shape = [jax.ShapeDtypeStruct(x.shape, x.dtype)]
-    out_shape += [jax.ShapeDtypeStruct((b, h, npb, Lp), F32)] * 2
-    out_shape += [jax.ShapeDtypeStruct((b, Lp, h * npb, Np), F32)] * 2
-    out_shape += [jax.ShapeDtypeStruct((b, h, Pp), F32), jax.ShapeDtypeStruct((b, h, Pp, Np), F32)]
-    out_specs = [sp["x"], per_prog_l, per_prog_l, per_prog_n, per_prog_n,
-                 pl.BlockSpec((None, None, bp), lambda i, j, k: (i, j, k)), sp["state"]]
-    kernel = functools.partial(_bwd_kernel, Q=Q, nc=nc, seg=seg, mm=cfg.mm, ss=cfg.split_state,
-                               sd=cfg.split_dy, sm=cfg.split_m)
-    dx, ddx, da, dB, dC, dD, dS0 = pl.pallas_call(
-        kernel, out_shape=out_shape, grid=(b, h, npb), in_specs=in_specs, out_specs=out_specs,
-        interpret=interpret_arg("gpu", cfg.interpret), name="ssd_bwd",
+    dstates, dS0 = pl.pallas_call(
+        functools.partial(_bwd_state_kernel, Q=Q, nc=nc, seg=seg, mm=cfg.mm, ss=cfg.split_state,
+                          sd=cfg.split_dy),
+        out_shape=[jax.ShapeDtypeStruct(states.shape, F32), jax.ShapeDtypeStruct(dSf.shape, F32)],
+        grid=(b, h, Pp // bp), in_specs=[sp["head_l"], sp["group"], sp["x"], sp["state"]] + sp["seg"][:len(segs)],
+        out_specs=[sp["states"], sp["state"]], interpret=interpret, name="ssd_bwd_state",
+        compiler_params=compiler_params("gpu", num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+    )(a, C, dy, dSf, *segs)
+
+    # 2. every chunk's adjoints at once, in two kernels (each holds fewer tiles): B, C and a; then x and delta
+    bp = cfg.block_p_bwd
+    npb = Pp // bp
+    sp = _chunk_specs(h, g, Q, bp, npb, Np)
+    launch = lambda kernel, name, out_shape, in_specs, out_specs, *args: pl.pallas_call(
+        functools.partial(kernel, Q=Q, seg=seg, mm=cfg.mm, ss=cfg.split_state, sd=cfg.split_dy),
+        out_shape=out_shape, grid=(h * npb, nc, b), in_specs=in_specs + sp["seg"][:len(segs)],
+        out_specs=out_specs, interpret=interpret, name=name,
         compiler_params=compiler_params("gpu", num_warps=cfg.num_warps_bwd, num_stages=cfg.num_stages_bwd),
-    )(*args)
+    )(*args, *segs)
+    dB, dC, da = launch(
+        _bwd_bc_kernel, "ssd_bwd_bc",
+        [jax.ShapeDtypeStruct((b, Lp, h * npb, Np), F32)] * 2 + [jax.ShapeDtypeStruct((b, h, npb, Lp), F32)],
+        [sp["x"], sp["head_l"], sp["head_l"], sp["group"], sp["group"], sp["state"], sp["state"], sp["x"]],
+        [sp["per_prog_n"], sp["per_prog_n"], sp["per_prog_l"]], x, delta, a, B, C, states, dstates, dy)
+    dx, ddx, dD = launch(
+        functools.partial(_bwd_x_kernel, sm=cfg.split_m), "ssd_bwd_x",
+        [jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((b, h, npb, Lp), F32),
+         jax.ShapeDtypeStruct((b, nc, h, Pp), F32)],
+        [sp["x"], sp["head_l"], sp["head_l"], sp["group"], sp["group"], sp["D"], sp["state"], sp["x"]],
+        [sp["x"], sp["per_prog_l"], sp["dD"]], x, delta, a, B, C, D, dstates, dy)
     group_sum = lambda t: t.reshape(b, Lp, g, hg * npb, Np).sum(3)
-    return dx, ddx.sum(2), da.sum(2), group_sum(dB), group_sum(dC), dD.sum(0), dS0
+    return dx, ddx.sum(2), da.sum(2), group_sum(dB), group_sum(dC), dD.sum((0, 1)), dS0

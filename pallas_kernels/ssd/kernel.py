@@ -37,11 +37,14 @@ class BlockSizes:
     block_p, block_p_bwd: head-dim block of one GPU forward / backward program, a power of two >= 16.
       Defaults: backward min(64, next_pow2(p)) (each program writes its own dB / dC partial, so fewer
       blocks move fewer bytes); forward the same, halved (down to 16) while b * h * (p blocks) < 128
-      programs, so a small batch still fills the GPU (the chunk walk is sequential inside a program).
+      programs, so a small batch still fills the GPU (the chunk walk is sequential inside a program). The
+      backward's chunk-parallel kernels have b * h * (l / Q) * (p blocks) programs and need no halving.
       The TPU variant takes the whole (8-padded) head dim and accepts only None.
-    num_warps, num_warps_bwd, num_stages, num_stages_bwd: Triton launch parameters (GPU only). At the
-      defaults (Q = 64) benchmarks/triton_ptx_check.py measures, for sm_90a: forward spill-free at p = 64,
-      n = 64 and 72 B spilled at n = 128; backward 1.1 KB (n = 64) and 1.9 KB (n = 128) spilled per thread.
+    num_warps, num_stages: Triton launch parameters (GPU only) of the kernels that walk the chunks: the forward
+      and the backward's dS walk (both use block_p). num_warps_bwd, num_stages_bwd: those of the backward's two
+      chunk-parallel kernels (block_p_bwd). At the defaults (Q = 64, p = 64) benchmarks/triton_ptx_check.py
+      measures, for sm_90a: forward spill-free at n = 64 and 72 B spilled per thread at n = 128; backward
+      spill-free except 4 B (n = 64) and 208 B (n = 128) in the B / C kernel (4 or 16 warps spill more).
     split_operands: with 16-bit inputs the matmuls take bf16 / f16 operands; the float32 ones that are not
       exact in 16 bits - the state S and its adjoint dS (whose rounding compounds over the chunks), the decayed
       scores M in M x and M^T dy, and a float32 cotangent dy (with z, y leaves the kernel in float32) - go in

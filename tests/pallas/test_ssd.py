@@ -72,6 +72,34 @@ def test_gpu_variant_matches_reference_outputs_state_and_every_gradient(rng, key
     check_against_reference(args, key, seg, dt_limit, block_sizes=bs, variant="gpu")
 
 
+def test_gpu_backward_is_a_state_walk_then_chunk_parallel_kernels(monkeypatch):
+    """The GPU backward's layout (the point of its design): only the forward and the dS walk loop over chunks,
+    with b * h * (p blocks) programs; the two kernels holding a chunk's tiles run one program per (head and p
+    block, chunk, batch row). Recorded from the pallas_calls that jax.grad traces (no compile)."""
+    from jax.experimental import pallas as pl
+    calls, real = [], pl.pallas_call
+
+    def recording(kernel, **kw):
+        calls.append((kw["name"], tuple(kw["grid"])))
+        return real(kernel, **kw)
+
+    monkeypatch.setattr(pl, "pallas_call", recording)
+    b, l, h, p, g, n = 2, 1000, 6, 40, 2, 100  # Q = 64: 16 chunks; p 40 in 64-wide blocks; n padded to 128
+    bs = BlockSizes(block_p_bwd=32)  # 2 head-dim blocks in the backward
+    x = jax.ShapeDtypeStruct((b, l, h, p), jnp.bfloat16)
+    B = jax.ShapeDtypeStruct((b, l, g, n), jnp.bfloat16)
+    loss = lambda x, dt, A, B, C: jnp.sum(ssd_kernel(x, dt, A, B, C, block_sizes=bs, variant="gpu")
+                                          .astype(jnp.float32))
+    jax.eval_shape(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), x, jax.ShapeDtypeStruct((b, l, h), jnp.float32),
+                   jax.ShapeDtypeStruct((h,), jnp.float32), B, B)
+    print(calls)
+    grids = dict(calls)
+    assert [name for name, _ in calls] == ["ssd_fwd", "ssd_bwd_state", "ssd_bwd_bc", "ssd_bwd_x"]
+    # the forward's block is halved down to 16 (b * h = 12 programs are too few): Pp = 64 in 4 blocks
+    assert grids["ssd_bwd_state"] == grids["ssd_fwd"] == (b, h, 4)
+    assert grids["ssd_bwd_bc"] == grids["ssd_bwd_x"] == (h * 2, 16, b)
+
+
 def test_tpu_variant_matches_reference_outputs_state_and_every_gradient(rng, key):
     """Mosaic semantics under the TPU interpreter (slow: small sizes); 3 chunks of 16, n padded to 128."""
     args = make_inputs(rng, b=1, l=37, h=4, p=12, n=7, g=2)
