@@ -18,7 +18,8 @@ module (tt dialect) as MLIR bytecode. That bytecode does not load into pip trito
 differ between the two Triton versions), so jaxlib's own MLIR bindings print it as text first. Newer jaxlib
 compiles the kernel during lowering and emits `triton_kernel_call_ffi` with a zlib-compressed TritonKernelCall
 proto (jaxlib/gpu/triton.proto) in `opaque`; from that the PTX jaxlib produced is run through ptxas (that path is
-untested here: it needs a CUDA jaxlib plugin to lower at all).
+untested here). jax 0.11.2 still emits the first form, but asks the device for its compute capability while
+lowering: `pallas_kernels._common.lowering_for("cuda")` names an abstract H200 so this runs on a CPU-only host.
 
 The compile runs Triton's full NVIDIA pipeline (TTIR passes, TTGIR, LLVM, PTX, ptxas with -v) in a subprocess
 per kernel, so a compiler crash becomes a row with the error. XLA compiles these kernels with the Triton that
@@ -357,7 +358,10 @@ def _lowered_text(fn, avals, argnums, grad: bool) -> str:
     if grad:
         primal = fn
         fn = jax.grad(lambda *a: jnp.sum(primal(*a).astype(jnp.float32)), argnums=argnums)
-    return jax.jit(fn).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
+    from pallas_kernels._common import lowering_for
+
+    with lowering_for("cuda"):
+        return jax.jit(fn).trace(*avals).lower(lowering_platforms=("cuda",)).as_text()
 
 
 # --- the driver ------------------------------------------------------------------------------------------------

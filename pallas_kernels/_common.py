@@ -66,6 +66,23 @@ def compiler_params(variant: str, *, num_warps: int | None = None, num_stages: i
     return pltpu.CompilerParams(dimension_semantics=dimension_semantics) if dimension_semantics else None
 
 
+def lowering_for(platform: str, device_kind: str = "NVIDIA H200", num_cores: int = 132):
+    """A context in which `jit(f).trace(...).lower(lowering_platforms=(platform,))` can lower the GPU kernels
+    on a host without that GPU (ahead-of-time lowering, the lowering tests, benchmarks/triton_ptx_check.py).
+
+    Pallas-Triton asks the device for its compute capability while lowering; from jax 0.11 it raises when there
+    is no GPU, unless an abstract mesh names one. For "cuda" without a GPU backend this enters such a mesh (one
+    device of `device_kind`, an Auto axis); otherwise it does nothing. Trace and lower inside it."""
+    import contextlib
+
+    if platform not in ("cuda", "rocm", "gpu") or jax.default_backend() == "gpu":
+        return contextlib.nullcontext()
+    sh = jax.sharding
+    device = sh.AbstractDevice(device_kind=device_kind, num_cores=num_cores, platform="gpu")
+    mesh = sh.AbstractMesh((1,), ("lowering",), axis_types=(sh.AxisType.Auto,), abstract_device=device)
+    return sh.use_abstract_mesh(mesh)
+
+
 def check_dtype(name: str, x, allowed=FLOAT_DTYPES) -> None:
     if jnp.dtype(x.dtype) not in tuple(jnp.dtype(a) for a in allowed):
         names = ", ".join(jnp.dtype(a).name for a in allowed)

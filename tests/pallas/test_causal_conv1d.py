@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import pallas_kernels._common as common
 import pallas_kernels.causal_conv1d as kern
 from pallas_kernels.causal_conv1d import BlockSizes
 from seqmix_jax.ops import causal_conv1d, causal_conv1d_update, dispatch
@@ -248,7 +249,8 @@ def test_kernels_lower_for_the_accelerator(monkeypatch, variant, platform):
     checks = [jax.export.DisabledSafetyCheck.custom_call(n) for n in ("__gpu$xla.gpu.triton", "tpu_custom_call")]
     for fn, avals in [(fwd, shapes), (bwd, shapes), (upd, (S((8, w - 1, c), jnp.bfloat16), S((8, c), jnp.bfloat16),
                                                            shapes[1], shapes[2]))]:
-        text = jax.export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*avals).mlir_module()
+        with common.lowering_for(platform):
+            text = jax.export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*avals).mlir_module()
         assert ("xla.gpu.triton" if variant == "gpu" else "tpu_custom_call") in text
 
 

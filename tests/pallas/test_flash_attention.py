@@ -179,7 +179,8 @@ def test_kernels_lower_for_the_real_backend(monkeypatch, variant, platform, bloc
                                              block_sizes=blocks)
         return jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32)), argnums=(0, 1, 2))(q, k, v)
 
-    text = jax.jit(grads).trace(q, kv, kv, seg).lower(lowering_platforms=(platform,)).as_text()
+    with common.lowering_for(platform):
+        text = jax.jit(grads).trace(q, kv, kv, seg).lower(lowering_platforms=(platform,)).as_text()
     assert text.count("triton" if variant == "gpu" else "tpu_custom_call") == calls
 
 

@@ -23,7 +23,8 @@ def _lowered_kernel_calls(monkeypatch, variant, fn, *avals) -> int:
     platform, marker = CALL[variant]
     loss = lambda *a: jnp.sum(fn(*a).astype(jnp.float32))
     grads = jax.grad(loss, argnums=tuple(range(len(avals))))
-    text = jax.jit(grads).trace(*avals).lower(lowering_platforms=(platform,)).as_text()
+    with common.lowering_for(platform):
+        text = jax.jit(grads).trace(*avals).lower(lowering_platforms=(platform,)).as_text()
     return text.count(marker)
 
 
