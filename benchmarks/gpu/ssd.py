@@ -11,7 +11,8 @@ Bytes (the forward's HBM floor): read x (h p), dt (h), B, C (g n each), write y 
 Targets (issue 7): backward within 3x the forward; SSD faster than the Mamba-1 selective-scan kernel at
 n = 64-128 (benchmarks/gpu_check.py pairs the rows by case: "b2 l4096 d2048 n64 bf16" = b 2, l 4096, h 32 x p 64).
 Timings: jit, one warm-up call, median of 5 (block_until_ready); the backward alone is the vjp closure of a
-forward computed beforehand, fed a fixed cotangent. A "no-split" row per n shows split_operands=False.
+forward computed beforehand, fed a fixed cotangent. A "no-split" row per n shows split_operands=False, a
+"saved-states" row at n = 128 save_states=True (the backward then does not recompute the chunk-start states).
 """
 
 from __future__ import annotations
@@ -83,20 +84,25 @@ def _correctness(quick: bool) -> list[dict]:
     return rows
 
 
-def _case(b, l, h, p, n, fast):
-    """The timing case; d = h p so the row pairs with the selective-scan row of the same (b, l, d, n)."""
-    return case_str("no-split" if fast else "", b=b, l=l, d=h * p, n=n, dtype=jnp.bfloat16)
+# Timing rows besides the defaults: BlockSizes for the kernel entry, by the label its row carries.
+VARIANTS = {"no-split": dict(split_operands=False), "saved-states": dict(save_states=True)}
 
 
-def _timing(b, l, h, p, n, quick: bool, fast: bool = False) -> dict:
+def _case(b, l, h, p, n, blocks):
+    """The timing case; d = h p so the row pairs with the selective-scan row of the same (b, l, d, n). `blocks`:
+    a key of VARIANTS, or "" for the op's defaults."""
+    return case_str(blocks, b=b, l=l, d=h * p, n=n, dtype=jnp.bfloat16)
+
+
+def _timing(b, l, h, p, n, quick: bool, blocks: str = "") -> dict:
     g = 1
     args = _inputs(b, l, h, p, n, g, gate=False, init=False)  # Mamba-2's call: D, dt_bias, softplus; z in the norm
     args = {k: v.astype(jnp.bfloat16) if k in HALF else v for k, v in args.items()}
     Q = 64
     flops = b * l * h * (2 * Q * (n + p) + 4 * n * p)
     floor_bytes = 2 * b * l * (2 * h * p + h + 2 * g * n)
-    impls = [("kernel", dict(block_sizes=BlockSizes(split_operands=False)))] if fast else [("pallas", {})]
-    if not quick and not fast:
+    impls = [("kernel", dict(block_sizes=BlockSizes(**VARIANTS[blocks])))] if blocks else [("pallas", {})]
+    if not quick and not blocks:
         impls.append(("xla", dict(chunk_size=256)))
     reps = 2 if quick else 5
     ms, note = {}, []
@@ -107,14 +113,14 @@ def _timing(b, l, h, p, n, quick: bool, fast: bool = False) -> dict:
             ms[impl, "bwd"] = vjp_ms(fn, (args,), n=reps)
         except Exception as e:  # noqa: BLE001
             note.append(f"{impl}: {failure(e, 200)}")
-    ours = "kernel" if fast else "pallas"
+    ours = "kernel" if blocks else "pallas"
     fwd, bwd = ms.get((ours, "fwd")), ms.get((ours, "bwd"))
     target = None
     if fwd is not None and bwd is not None:
         target = f"bwd/fwd {bwd / fwd:.1f} {'ok' if bwd <= 3 * fwd else 'MISSED'} (<= 3)"
     if quick:
         note.append("interpret mode on CPU: timings meaningless")
-    return row(KERNEL, _case(b, l, h, p, n, fast), "timing", ms_fwd=fwd, ms_bwd=bwd,
+    return row(KERNEL, _case(b, l, h, p, n, blocks), "timing", ms_fwd=fwd, ms_bwd=bwd,
                ms_xla_fwd=ms.get(("xla", "fwd")), ms_xla_bwd=ms.get(("xla", "bwd")),
                tflops=None if fwd is None else flops / (fwd * 1e-3) / 1e12,
                gbps=None if fwd is None else floor_bytes / (fwd * 1e-3) / 1e9, target=target, note=join_notes(*note))
@@ -123,11 +129,13 @@ def _timing(b, l, h, p, n, quick: bool, fast: bool = False) -> dict:
 def run(quick: bool = False) -> list[dict]:
     """Correctness rows, then timing rows (bf16; D + dt_bias + softplus; xla path at its chunk 256)."""
     rows = _correctness(quick)
-    cases = [(1, 64, 4, 16, 16, False)] if quick else [(2, 4096, 32, 64, n, fast) for n in (64, 128)
-                                                           for fast in (False, True)]
-    for b, l, h, p, n, fast in cases:
+    cases = [(1, 64, 4, 16, 16, "")] if quick else [(2, 4096, 32, 64, n, blocks) for n in (64, 128)
+                                                         for blocks in ("", "no-split")]
+    if not quick:  # what recomputing the chunk-start states in the backward costs (the default) at Mamba-2's n
+        cases.append((2, 4096, 32, 64, 128, "saved-states"))
+    for b, l, h, p, n, blocks in cases:
         try:
-            rows.append(_timing(b, l, h, p, n, quick, fast))
+            rows.append(_timing(b, l, h, p, n, quick, blocks))
         except Exception as e:  # noqa: BLE001
-            rows.append(row(KERNEL, _case(b, l, h, p, n, fast), "timing", note=failure(e)))
+            rows.append(row(KERNEL, _case(b, l, h, p, n, blocks), "timing", note=failure(e)))
     return rows

@@ -1,9 +1,10 @@
 """SSD on GPU (Pallas lowered through Triton).
 
 Forward: grid (b, h, P / bp). A program keeps its state slice S (bp, N) in registers and visits the Q-step
-chunks in order (a `fori_loop`), so nothing of size (b, l, h, p, n) ever exists; with `save_states` it also
-writes each chunk's start state (b, h, l / Q, P, N). Backward: `ssd_bwd_state` walks the chunks in reverse the
-same way, carrying only the adjoint dS (one product per chunk), and saves each chunk's dS_next; then two
+chunks in order (a `fori_loop`), so nothing of size (b, l, h, p, n) ever exists. Backward: `ssd_states` repeats
+the forward's walk without y (one product per chunk) and writes each chunk's start state (b, h, l / Q, P, N),
+unless BlockSizes.save_states had the forward write them; `ssd_bwd_state` walks the chunks in reverse the same
+way, carrying only the adjoint dS (one product per chunk), and saves each chunk's dS_next; then two
 chunk-parallel kernels, grid (h * P / bp, l / Q, b), compute every chunk's adjoints from its start state and
 dS_next: `ssd_bwd_bc` those of B, C and the log decays, `ssd_bwd_x` those of x and delta. (An earlier single
 backward kernel walked the chunks carrying S and dS at once: b * h programs, and ptxas spilled 1.1-1.9 KB per
@@ -119,32 +120,35 @@ def _specs(x, B, bp, nc):
 
 # --- forward ---------------------------------------------------------------------------------------------
 
-def _fwd_kernel(*refs, Q, nc, seg, save, mm, ss, sm):
-    (x_ref, delta_ref, a_ref, B_ref, C_ref, D_ref, S0_ref), seg_refs, outs, _ = _split_refs(
-        refs, 7, seg, 3 if save else 2)
-    y_ref, Sf_ref = outs[0], outs[1]
-    bp = x_ref.shape[-1]
-    Dv = D_ref[...]
-
+def _fwd_kernel(*refs, Q, nc, seg, save, emit_y, mm, ss, sm):
+    ins, seg_refs, outs, _ = _split_refs(refs, 7 if emit_y else 5, seg, emit_y + 1 + save)
+    x_ref, delta_ref, a_ref, B_ref = ins[:4]
+    C_ref, D_ref, S0_ref = ins[4:] if emit_y else (None, None, ins[4])  # the state walk alone needs no C, D
+    y_ref = outs.pop(0) if emit_y else None
+    Sf_ref, st_ref = outs[0], (outs[1] if save else None)
     def body(c, S):  # S = S_prev (bp, N), the state before chunk c
         rows = pl.ds(pl.multiple_of(c * Q, Q), Q)
-        x, B, C, delta = x_ref[rows, :], B_ref[rows, :], C_ref[rows, :], delta_ref[rows]
+        x, B, delta = x_ref[rows, :], B_ref[rows, :], delta_ref[rows]
         segc = (seg_refs[0][rows], jnp.max(seg_refs[1][rows])) if seg else None
         L, win, wout, carry = chunk_decays(a_ref[rows], segc, Q)
         if save:
-            outs[2][c] = S
-        # delta goes to the side of M and B, never into x: x stays exact in a bf16 matmul (xbar = delta x).
-        M = dot(C, B, mm, tb=True) * L * delta[None, :]  # ((C B^T) o L) diag(delta)
-        y = dot(M, x, mm, split=sm) + win[:, None] * dot(C, S, mm, tb=True, split=ss)  # intra + from S_prev
-        y += Dv[None, :] * x.astype(F32)
-        y_ref[rows, :] = y.astype(y_ref.dtype)
+            st_ref[c] = S
+        if emit_y:
+            C = C_ref[rows, :]
+            # delta goes to the side of M and B, never into x: x stays exact in a bf16 matmul (xbar = delta x).
+            M = dot(C, B, mm, tb=True) * L * delta[None, :]  # ((C B^T) o L) diag(delta)
+            y = dot(M, x, mm, split=sm) + win[:, None] * dot(C, S, mm, tb=True, split=ss)  # intra + from S_prev
+            y += D_ref[...][None, :] * x.astype(F32)
+            y_ref[rows, :] = y.astype(y_ref.dtype)
         return carry * S + dot(x, (delta * wout)[:, None] * B.astype(F32), mm, ta=True, split=ss)
 
     Sf_ref[...] = lax.fori_loop(0, nc, body, S0_ref[...])
 
 
-def forward(cfg, x, delta, a, B, C, D, S0, r, r0, *, save_states):
-    """y (b, Lp, h, Pp) in cfg.out_dtype, S_final (b, h, Pp, Np) f32, and the chunk-start states (or None)."""
+def forward(cfg, x, delta, a, B, C, D, S0, r, r0, *, save_states, emit_y=True):
+    """y (b, Lp, h, Pp) in cfg.out_dtype (None unless emit_y), S_final (b, h, Pp, Np) f32, and the chunk-start
+    states (b, h, nc, Pp, Np) f32 (or None). save_states without emit_y is the backward's recomputation: the
+    state walk alone, one product per chunk."""
     b, Lp, h, Pp = x.shape
     Np = B.shape[3]
     Q, bp = cfg.chunk, cfg.block_p
@@ -153,22 +157,28 @@ def forward(cfg, x, delta, a, B, C, D, S0, r, r0, *, save_states):
     sp = _specs(x, B, bp, nc)
     in_specs = [sp["x"], sp["head_l"], sp["head_l"], sp["group"], sp["group"], sp["D"], sp["state"]]
     args = [x, delta, a, B, C, D, S0]
+    if not emit_y:
+        del in_specs[4:6], args[4:6]
     if seg:
         in_specs += sp["seg"]
         args += [r, r0]
-    out_shape = [jax.ShapeDtypeStruct((b, Lp, h, Pp), cfg.out_dtype), jax.ShapeDtypeStruct((b, h, Pp, Np), F32)]
-    out_specs = [sp["x"], sp["state"]]
+    out_shape = [jax.ShapeDtypeStruct((b, Lp, h, Pp), cfg.out_dtype)] if emit_y else []
+    out_specs = [sp["x"]] if emit_y else []
+    out_shape.append(jax.ShapeDtypeStruct((b, h, Pp, Np), F32))
+    out_specs.append(sp["state"])
     if save_states:  # chunk-start states for the backward
         out_shape.append(jax.ShapeDtypeStruct((b, h, nc, Pp, Np), F32))
         out_specs.append(sp["states"])
-    kernel = functools.partial(_fwd_kernel, Q=Q, nc=nc, seg=seg, save=save_states, mm=cfg.mm,
+    kernel = functools.partial(_fwd_kernel, Q=Q, nc=nc, seg=seg, save=save_states, emit_y=emit_y, mm=cfg.mm,
                                ss=cfg.split_state, sm=cfg.split_m)
     outs = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(b, h, npb), in_specs=in_specs, out_specs=out_specs,
-        interpret=interpret_arg("gpu", cfg.interpret), name="ssd_fwd",
+        interpret=interpret_arg("gpu", cfg.interpret), name="ssd_fwd" if emit_y else "ssd_states",
         compiler_params=compiler_params("gpu", num_warps=cfg.num_warps, num_stages=cfg.num_stages),
     )(*args)
-    return outs[0], outs[1], (outs[2] if save_states else None)
+    outs = list(outs)
+    y = outs.pop(0) if emit_y else None
+    return y, outs[0], (outs[1] if save_states else None)
 
 
 # --- backward --------------------------------------------------------------------------------------------

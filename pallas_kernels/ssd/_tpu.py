@@ -101,9 +101,12 @@ def _specs(h, g, Q, Pp, Np, nc, reverse):
 
 # --- forward ---------------------------------------------------------------------------------------------
 
-def _fwd_kernel(*refs, Q, nc, seg, save, mm, ss, sm):
-    (x_ref, delta_ref, a_ref, B_ref, C_ref, D_ref, S0_ref), seg_refs, outs, (S_scr,) = _split(
-        refs, 7, seg, 3 if save else 2)
+def _fwd_kernel(*refs, Q, nc, seg, save, emit_y, mm, ss, sm):
+    ins, seg_refs, outs, (S_scr,) = _split(refs, 7 if emit_y else 5, seg, emit_y + 1 + save)
+    x_ref, delta_ref, a_ref, B_ref = ins[:4]
+    C_ref, D_ref, S0_ref = ins[4:] if emit_y else (None, None, ins[4])  # the state walk alone needs no C, D
+    y_ref = outs.pop(0) if emit_y else None
+    Sf_ref, st_ref = outs[0], (outs[1] if save else None)
     c = pl.program_id(2)
 
     @pl.when(c == 0)
@@ -112,22 +115,23 @@ def _fwd_kernel(*refs, Q, nc, seg, save, mm, ss, sm):
 
     S = S_scr[...]  # S_prev (P, N)
     if save:
-        outs[2][...] = S
-    x, B, C, delta = x_ref[...], B_ref[...], C_ref[...], delta_ref[...]  # delta (Q, 1)
+        st_ref[...] = S
+    x, B, delta = x_ref[...], B_ref[...], delta_ref[...]  # delta (Q, 1)
     L, win, wout, carry = chunk_decays(a_ref[...], _seg(seg_refs), Q)
-    delta_row = _to_row(delta, Q)
-    M = dot(C, B, mm, tb=True) * L * delta_row  # ((C B^T) o L) diag(delta); x stays exact in the matmul
-    y = dot(M, x, mm, split=sm) + win * dot(C, S, mm, tb=True, split=ss) + D_ref[...] * x.astype(F32)
-    outs[0][...] = y.astype(outs[0].dtype)
+    if emit_y:
+        C = C_ref[...]
+        M = dot(C, B, mm, tb=True) * L * _to_row(delta, Q)  # ((C B^T) o L) diag(delta); x stays exact in the matmul
+        y = dot(M, x, mm, split=sm) + win * dot(C, S, mm, tb=True, split=ss) + D_ref[...] * x.astype(F32)
+        y_ref[...] = y.astype(y_ref.dtype)
     S = carry * S + dot(x, (delta * wout) * B.astype(F32), mm, ta=True, split=ss)
     S_scr[...] = S
 
     @pl.when(c == nc - 1)
     def _():
-        outs[1][...] = S
+        Sf_ref[...] = S
 
 
-def forward(cfg, x, delta, a, B, C, D, S0, r, r0, *, save_states):
+def forward(cfg, x, delta, a, B, C, D, S0, r, r0, *, save_states, emit_y=True):
     """As `_gpu.forward`; the chunk-start states come back as (b, h, nc, P, N)."""
     b, Lp, h, Pp = x.shape
     g, Np = B.shape[2], B.shape[3]
@@ -136,21 +140,26 @@ def forward(cfg, x, delta, a, B, C, D, S0, r, r0, *, save_states):
     args, segs = _layouts(cfg, x, delta, a, B, C, D, r, r0)
     sp = _specs(h, g, Q, Pp, Np, nc, reverse=False)
     in_specs = [sp["x"], sp["col"], sp["row"], sp["bc"], sp["bc"], sp["d"], sp["state"]] + (sp["seg"] if segs else [])
-    out_shape = [jax.ShapeDtypeStruct((b, h, nc, Q, Pp), cfg.out_dtype), jax.ShapeDtypeStruct((b, h, Pp, Np), F32)]
-    out_specs = [sp["x"], sp["state"]]
+    if not emit_y:  # the state walk alone: no C, D
+        del in_specs[4:6], args[4:6]
+    out_shape = [jax.ShapeDtypeStruct((b, h, nc, Q, Pp), cfg.out_dtype)] if emit_y else []
+    out_specs = [sp["x"]] if emit_y else []
+    out_shape.append(jax.ShapeDtypeStruct((b, h, Pp, Np), F32))
+    out_specs.append(sp["state"])
     if save_states:
         out_shape.append(jax.ShapeDtypeStruct((b, h, nc, Pp, Np), F32))
         out_specs.append(sp["chunk_state"])
-    kernel = functools.partial(_fwd_kernel, Q=Q, nc=nc, seg=bool(segs), save=save_states, mm=cfg.mm,
+    kernel = functools.partial(_fwd_kernel, Q=Q, nc=nc, seg=bool(segs), save=save_states, emit_y=emit_y, mm=cfg.mm,
                                ss=cfg.split_state, sm=cfg.split_m)
     outs = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(b, h, nc), in_specs=in_specs, out_specs=out_specs,
         scratch_shapes=[pltpu.VMEM((Pp, Np), F32)], interpret=interpret_arg("tpu", cfg.interpret),
         compiler_params=compiler_params("tpu", dimension_semantics=("parallel", "parallel", "arbitrary")),
-        name="ssd_fwd",
+        name="ssd_fwd" if emit_y else "ssd_states",
     )(*args, S0, *segs)
-    y = jnp.moveaxis(outs[0], 1, 3).reshape(b, Lp, h, Pp)
-    return y, outs[1], (outs[2] if save_states else None)
+    outs = list(outs)
+    y = jnp.moveaxis(outs.pop(0), 1, 3).reshape(b, Lp, h, Pp) if emit_y else None
+    return y, outs[0], (outs[1] if save_states else None)
 
 
 # --- backward --------------------------------------------------------------------------------------------

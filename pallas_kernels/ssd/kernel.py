@@ -6,7 +6,8 @@ What runs where:
   XLA      delta = clamp(softplus(dt + dt_bias)) and a = delta A (b, l, h): tiny next to x, and autodiff
            carries their gradients back to dt, dt_bias and A; padding; the z gate y *= silu(z).
   kernel   xbar = delta x, the chunked scan, + D x (fused: x is already loaded), the final state; the backward
-           kernel returns dx, d delta (through xbar), da = d(delta A), dB, dC, dD and d initial_state.
+           kernels recompute the chunk-start states (not saved by default: BlockSizes.save_states) and return
+           dx, d delta (through xbar), da = d(delta A), dB, dC, dD and d initial_state.
 Padding makes every shape work: l up to a multiple of the chunk with delta = 0 (no decay, no input), n to the
 padded state width with zero B / C, p to the head-dim block with zero x; all sliced back.
 With z, the kernel emits y in float32 and the gate is applied in XLA before the one cast to x.dtype (no
@@ -51,6 +52,11 @@ class BlockSizes:
       as hi + lo pairs of 16-bit parts (one more matmul each; ~16 mantissa bits). That keeps the bf16 error
       within the bf16 rule (<= 2x the xla path's); False rounds them once (fewer matmuls: the forward's 7
       become 4), which roughly doubles the error of the state and of some gradients.
+    save_states: what the backward gets the chunk-start states (b, h, l / Q, p, n) from. False (default): the
+      forward saves only its inputs and the backward recomputes the states, with a walk over the chunks that does
+      one product per chunk (`ssd_states`; like mamba_ssm, which recomputes its chunk states). True: the forward
+      writes them and they stay alive until the backward: float32 (p, n) per head and chunk, 4x the bytes of a
+      bf16 x at n = 128, Q = 64 (8 bytes per element of x), in every layer of a model at once.
     """
     chunk: int | None = None
     block_p: int | None = None
@@ -60,6 +66,7 @@ class BlockSizes:
     num_stages: int = 2
     num_stages_bwd: int = 1
     split_operands: bool = True
+    save_states: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +86,7 @@ class _Config:
     num_warps_bwd: int
     num_stages: int
     num_stages_bwd: int
+    save_states: bool
 
 
 def ssd(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=True, dt_limit=None, initial_state=None,
@@ -156,12 +164,15 @@ def _scan(cfg, x, delta, a, B, C, D, S0, r, r0):
 
 
 def _scan_fwd(cfg, x, delta, a, B, C, D, S0, r, r0):
-    y, S, states = _variant(cfg).forward(cfg, x, delta, a, B, C, D, S0, r, r0, save_states=True)
-    return (y, S), (x, delta, a, B, C, D, states, r, r0)
+    y, S, states = _variant(cfg).forward(cfg, x, delta, a, B, C, D, S0, r, r0, save_states=cfg.save_states)
+    return (y, S), (x, delta, a, B, C, D, states if cfg.save_states else S0, r, r0)
 
 
 def _scan_bwd(cfg, res, cts):
     x, delta, a, B, C, D, states, r, r0 = res
+    if not cfg.save_states:  # the residual is S0: recompute the chunk-start states (the walk alone, no y)
+        _, _, states = _variant(cfg).forward(cfg, x, delta, a, B, C, D, states, r, r0, save_states=True,
+                                             emit_y=False)
     dy, dS = cts
     dx, ddelta, da, dB, dC, dD, dS0 = _variant(cfg).backward(
         cfg, x, delta, a, B, C, D, states, r, r0, dy.astype(cfg.out_dtype), dS.astype(jnp.float32))
@@ -237,8 +248,10 @@ def _configure(block_sizes, variant, interpret, x, B, C, l, p, n, gated):
     split = bs.split_operands  # which operand of which product goes in as a hi + lo pair (see _gpu.dot)
     split_state, split_m, split_dy = ("b" if split else ""), ("a" if split else ""), ("a" if split and gated else "")
     out = jnp.dtype(jnp.float32) if gated else jnp.dtype(x.dtype)
+    if not isinstance(bs.save_states, bool):
+        raise ValueError(f"block_sizes.save_states must be a bool, got {bs.save_states!r}")
     cfg = _Config(variant, bool(interpret), Q, bp, bpb, mm, split_state, split_m, split_dy, out, bs.num_warps,
-                  bs.num_warps_bwd, bs.num_stages, bs.num_stages_bwd)
+                  bs.num_warps_bwd, bs.num_stages, bs.num_stages_bwd, bs.save_states)
     return cfg, cm.round_up(l, Q), Pp, Np
 
 

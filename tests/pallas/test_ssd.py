@@ -59,6 +59,8 @@ GPU_CASES = {  # id: (make_inputs kwargs, segment lengths or None, dt_limit, Blo
     "l257_Dh_defaults": (dict(l=257), None, None, None),  # default blocks: Q = 64, one head-dim block
     "l257_packed_chunk32": (dict(l=257, b=1), (100, 1, 80, 76), None, BlockSizes(chunk=32)),  # length-1 segment
     "l1": (dict(l=1, b=1), None, None, None),
+    # the forward saves its chunk-start states instead of the backward recomputing them
+    "l97_packed_saved_states": (dict(l=97, b=1), (50, 47), None, BlockSizes(chunk=16, save_states=True)),
 }
 SLOW_GPU = ("l257_Dh_defaults", "l257_packed_chunk32", "l1")
 
@@ -73,9 +75,9 @@ def test_gpu_variant_matches_reference_outputs_state_and_every_gradient(rng, key
 
 
 def test_gpu_backward_is_a_state_walk_then_chunk_parallel_kernels(monkeypatch):
-    """The GPU backward's layout (the point of its design): only the forward and the dS walk loop over chunks,
-    with b * h * (p blocks) programs; the two kernels holding a chunk's tiles run one program per (head and p
-    block, chunk, batch row). Recorded from the pallas_calls that jax.grad traces (no compile)."""
+    """The GPU backward's layout (the point of its design): only the forward and the state and dS walks loop
+    over chunks, with b * h * (p blocks) programs; the two kernels holding a chunk's tiles run one program per
+    (head and p block, chunk, batch row). Recorded from the pallas_calls that jax.grad traces (no compile)."""
     from jax.experimental import pallas as pl
     calls, real = [], pl.pallas_call
 
@@ -94,17 +96,37 @@ def test_gpu_backward_is_a_state_walk_then_chunk_parallel_kernels(monkeypatch):
                    jax.ShapeDtypeStruct((h,), jnp.float32), B, B)
     print(calls)
     grids = dict(calls)
-    assert [name for name, _ in calls] == ["ssd_fwd", "ssd_bwd_state", "ssd_bwd_bc", "ssd_bwd_x"]
+    # the backward first recomputes the chunk-start states (BlockSizes.save_states=False), then walks dS
+    assert [name for name, _ in calls] == ["ssd_fwd", "ssd_states", "ssd_bwd_state", "ssd_bwd_bc", "ssd_bwd_x"]
     # the forward's block is halved down to 16 (b * h = 12 programs are too few): Pp = 64 in 4 blocks
-    assert grids["ssd_bwd_state"] == grids["ssd_fwd"] == (b, h, 4)
+    assert grids["ssd_bwd_state"] == grids["ssd_states"] == grids["ssd_fwd"] == (b, h, 4)
     assert grids["ssd_bwd_bc"] == grids["ssd_bwd_x"] == (h * 2, 16, b)
 
 
-def test_tpu_variant_matches_reference_outputs_state_and_every_gradient(rng, key):
+@pytest.mark.parametrize("save_states", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_tpu_variant_matches_reference_outputs_state_and_every_gradient(rng, key, save_states):
     """Mosaic semantics under the TPU interpreter (slow: small sizes); 3 chunks of 16, n padded to 128."""
     args = make_inputs(rng, b=1, l=37, h=4, p=12, n=7, g=2)
-    check_against_reference(args, key, packed_ids(1, (9, 20, 8)), (0.05, 2.0), block_sizes=BlockSizes(chunk=16),
-                            variant="tpu")
+    check_against_reference(args, key, packed_ids(1, (9, 20, 8)), (0.05, 2.0),
+                            block_sizes=BlockSizes(chunk=16, save_states=save_states), variant="tpu")
+
+
+@pytest.mark.parametrize("variant", ["gpu", "tpu"])
+@pytest.mark.parametrize("save_states", [False, True])
+def test_what_the_backward_keeps_from_the_forward(rng, variant, save_states):
+    """By default the forward's residuals hold no chunk-start states (b, h, l / Q, p, n): the backward recomputes
+    them. With BlockSizes(save_states=True) they are saved, float32."""
+    b, l, h, p, n, Q = 1, 40, 2, 16, 16, 16
+    args = make_inputs(rng, b=b, l=l, h=h, p=p, n=n, g=1)
+    fn = lambda x, B, C: ssd_kernel(x, args["dt"], args["A"], B, C, variant=variant,
+                                    block_sizes=BlockSizes(chunk=Q, save_states=save_states))
+    _, vjp = jax.vjp(fn, args["x"], args["B"], args["C"])
+    shapes = [tuple(r.shape) for r in jax.tree.leaves(vjp)]
+    print(shapes)
+    Np = 16 if variant == "gpu" else 128
+    states = [s for s in shapes if s == (b, h, 3, p, Np)]
+    assert len(states) == (1 if save_states else 0)
+    assert not any(len(s) == 5 for s in shapes if s not in states)
 
 
 def test_bf16_error_at_most_twice_the_xla_paths(rng, key):
@@ -196,6 +218,7 @@ BAD = [  # (change to the good call, keyword arguments, message)
     ({}, dict(block_sizes=BlockSizes(chunk=48)), r"block_sizes.chunk=48 must be a power of two"),
     ({}, dict(block_sizes=BlockSizes(chunk=8)), r"block_sizes.chunk=8 must be >= 16 on the GPU variant"),
     ({}, dict(block_sizes=BlockSizes(block_p_bwd=0)), r"block_sizes.block_p_bwd must be a positive int, got 0"),
+    ({}, dict(block_sizes=BlockSizes(save_states=1)), r"block_sizes.save_states must be a bool, got 1"),
     ({}, dict(block_sizes=BlockSizes(num_warps=0)), r"block_sizes.num_warps must be a positive int"),
     ({}, dict(block_sizes=(64, 64)), r"block_sizes must be a BlockSizes or None, got tuple"),
     ({}, dict(block_sizes=BlockSizes(chunk=12), variant="tpu"), r"block_sizes.chunk=12 must be a multiple of 8"),
