@@ -126,6 +126,8 @@ def _fwd_kernel(*refs, Q, nc, seg, save, emit_y, mm, ss, sm):
     C_ref, D_ref, S0_ref = ins[4:] if emit_y else (None, None, ins[4])  # the state walk alone needs no C, D
     y_ref = outs.pop(0) if emit_y else None
     Sf_ref, st_ref = outs[0], (outs[1] if save else None)
+    Dv = D_ref[...] if emit_y else None
+
     def body(c, S):  # S = S_prev (bp, N), the state before chunk c
         rows = pl.ds(pl.multiple_of(c * Q, Q), Q)
         x, B, delta = x_ref[rows, :], B_ref[rows, :], delta_ref[rows]
@@ -138,7 +140,7 @@ def _fwd_kernel(*refs, Q, nc, seg, save, emit_y, mm, ss, sm):
             # delta goes to the side of M and B, never into x: x stays exact in a bf16 matmul (xbar = delta x).
             M = dot(C, B, mm, tb=True) * L * delta[None, :]  # ((C B^T) o L) diag(delta)
             y = dot(M, x, mm, split=sm) + win[:, None] * dot(C, S, mm, tb=True, split=ss)  # intra + from S_prev
-            y += D_ref[...][None, :] * x.astype(F32)
+            y += Dv[None, :] * x.astype(F32)
             y_ref[rows, :] = y.astype(y_ref.dtype)
         return carry * S + dot(x, (delta * wout)[:, None] * B.astype(F32), mm, ta=True, split=ss)
 
