@@ -10,7 +10,8 @@ say "gpu" so the entries pick the compiled Triton path, as tests/pallas/test_low
 kernel out of the lowered module and compiles it with the pip `triton` package to PTX and a cubin for sm_90a. One
 row per Triton kernel: its launch parameters, ptxas's registers per thread, spill stores / loads and stack frame,
 Triton's shared memory, and whether it compiled (or the error). Block sizes are the entries' defaults (what the ops
-use: they pass none); attention also runs with BlockSizes(fused_bwd=True, ds_in_input_dtype=True).
+use: they pass none); attention also runs with BlockSizes(fused_bwd=True, ds_in_input_dtype=True), SSD at n = 128
+with BlockSizes(two_pass=True).
 
 Where the kernel is: jaxlib <= 0.10.2 lowers a GPU pallas_call to `stablehlo.custom_call @__gpu$xla.gpu.triton`
 whose `mhlo.backend_config` dictionary holds `name`, `num_warps`, `num_stages`, `grid_x/y/z` and `ir`: the Triton
@@ -314,6 +315,7 @@ def _cases(quick: bool):
     S, bf, f32, i32 = _struct, jnp.bfloat16, jnp.float32, jnp.int32
     out = []
     fused = fa.BlockSizes(fused_bwd=True, ds_in_input_dtype=True)
+    two_pass = ssd_k.BlockSizes(two_pass=True)
     attn = [(128, None, False), (80, 1024, True)]
     for k, window, segs in attn[:1] if quick else attn:
         b, h, l = 1, 16, 8192
@@ -335,9 +337,11 @@ def _cases(quick: bool):
         b, l, h, p, g = 2, 4096, 32, 64, 1
         avals = [S((b, l, h, p), bf), S((b, l, h), bf), S((h,), f32), S((b, l, g, n), bf), S((b, l, g, n), bf),
                  S((h,), f32), S((h,), f32)]
-        f = lambda x, dt, A, B, C, D, dtb: ssd_k.ssd(x, dt, A, B, C, D=D, dt_bias=dtb)
-        out.append(("ssd", case_str("D dt_bias", b=b, l=l, h=h, p=p, g=g, n=n, dtype=bf), "default", f, avals,
-                    tuple(range(7))))
+        case = case_str("D dt_bias", b=b, l=l, h=h, p=p, g=g, n=n, dtype=bf)
+        for label, blocks in [("default", None)] + ([] if quick or n != 128 else [("two_pass", two_pass)]):
+            def f(x, dt, A, B, C, D, dtb, blocks=blocks):
+                return ssd_k.ssd(x, dt, A, B, C, D=D, dt_bias=dtb, block_sizes=blocks)
+            out.append(("ssd", case, label, f, avals, tuple(range(7))))
     b, l, c, w = 2, 4096, 4096, 4
     f = lambda x, wt, bias: conv.causal_conv1d(x, wt, bias, activation="silu")
     out.append(("causal_conv1d", case_str("silu bias", b=b, l=l, c=c, w=w, dtype=bf), "default", f,

@@ -11,8 +11,9 @@ Bytes (the forward's HBM floor): read x (h p), dt (h), B, C (g n each), write y 
 Targets (issue 7): backward within 3x the forward; SSD faster than the Mamba-1 selective-scan kernel at
 n = 64-128 (benchmarks/gpu_check.py pairs the rows by case: "b2 l4096 d2048 n64 bf16" = b 2, l 4096, h 32 x p 64).
 Timings: jit, one warm-up call, median of 5 (block_until_ready); the backward alone is the vjp closure of a
-forward computed beforehand, fed a fixed cotangent. A "no-split" row per n shows split_operands=False, a
-"saved-states" row at n = 128 save_states=True (the backward then does not recompute the chunk-start states).
+forward computed beforehand, fed a fixed cotangent. Rows besides the defaults: "no-split" (split_operands=False)
+and "two-pass" (the state walk, then y chunk-parallel) per n, and "saved-states" at n = 128 (save_states=True: the
+backward does not recompute the chunk-start states).
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def _correctness(quick: bool) -> list[dict]:
 
 
 # Timing rows besides the defaults: BlockSizes for the kernel entry, by the label its row carries.
-VARIANTS = {"no-split": dict(split_operands=False), "saved-states": dict(save_states=True)}
+VARIANTS = {"no-split": dict(split_operands=False), "two-pass": dict(two_pass=True),
+            "saved-states": dict(save_states=True)}
 
 
 def _case(b, l, h, p, n, blocks):
@@ -130,7 +132,7 @@ def run(quick: bool = False) -> list[dict]:
     """Correctness rows, then timing rows (bf16; D + dt_bias + softplus; xla path at its chunk 256)."""
     rows = _correctness(quick)
     cases = [(1, 64, 4, 16, 16, "")] if quick else [(2, 4096, 32, 64, n, blocks) for n in (64, 128)
-                                                         for blocks in ("", "no-split")]
+                                                         for blocks in ("", "no-split", "two-pass")]
     if not quick:  # what recomputing the chunk-start states in the backward costs (the default) at Mamba-2's n
         cases.append((2, 4096, 32, 64, 128, "saved-states"))
     for b, l, h, p, n, blocks in cases:

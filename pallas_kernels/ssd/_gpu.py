@@ -120,6 +120,14 @@ def _specs(x, B, bp, nc):
 
 # --- forward ---------------------------------------------------------------------------------------------
 
+def chunk_output(x, delta, B, C, L, win, S, Dv, mm, ss, sm):
+    """One chunk's y (Q, bp) from its start state S (bp, N): the intra-chunk part M xbar, the part from S, D x.
+    delta goes to the side of M and B, never into x: x stays exact in a bf16 matmul (xbar = delta x)."""
+    M = dot(C, B, mm, tb=True) * L * delta[None, :]  # ((C B^T) o L) diag(delta)
+    y = dot(M, x, mm, split=sm) + win[:, None] * dot(C, S, mm, tb=True, split=ss)
+    return y + Dv[None, :] * x.astype(F32)
+
+
 def _fwd_kernel(*refs, Q, nc, seg, save, emit_y, mm, ss, sm):
     ins, seg_refs, outs, _ = _split_refs(refs, 7 if emit_y else 5, seg, emit_y + 1 + save)
     x_ref, delta_ref, a_ref, B_ref = ins[:4]
@@ -136,21 +144,28 @@ def _fwd_kernel(*refs, Q, nc, seg, save, emit_y, mm, ss, sm):
         if save:
             st_ref[c] = S
         if emit_y:
-            C = C_ref[rows, :]
-            # delta goes to the side of M and B, never into x: x stays exact in a bf16 matmul (xbar = delta x).
-            M = dot(C, B, mm, tb=True) * L * delta[None, :]  # ((C B^T) o L) diag(delta)
-            y = dot(M, x, mm, split=sm) + win[:, None] * dot(C, S, mm, tb=True, split=ss)  # intra + from S_prev
-            y += Dv[None, :] * x.astype(F32)
-            y_ref[rows, :] = y.astype(y_ref.dtype)
+            y_ref[rows, :] = chunk_output(x, delta, B, C_ref[rows, :], L, win, S, Dv, mm, ss, sm).astype(y_ref.dtype)
         return carry * S + dot(x, (delta * wout)[:, None] * B.astype(F32), mm, ta=True, split=ss)
 
     Sf_ref[...] = lax.fori_loop(0, nc, body, S0_ref[...])
 
 
+def _y_kernel(*refs, Q, seg, mm, ss, sm):
+    (x_ref, delta_ref, a_ref, B_ref, C_ref, D_ref, S_ref), seg_refs, (y_ref,), _ = _split_refs(refs, 7, seg, 1)
+    segc = (seg_refs[0][...], jnp.max(seg_refs[1][...])) if seg else None
+    L, win, _, _ = chunk_decays(a_ref[...], segc, Q)
+    y = chunk_output(x_ref[...], delta_ref[...], B_ref[...], C_ref[...], L, win, S_ref[...], D_ref[...], mm, ss, sm)
+    y_ref[...] = y.astype(y_ref.dtype)
+
+
 def forward(cfg, x, delta, a, B, C, D, S0, r, r0, *, save_states, emit_y=True):
     """y (b, Lp, h, Pp) in cfg.out_dtype (None unless emit_y), S_final (b, h, Pp, Np) f32, and the chunk-start
     states (b, h, nc, Pp, Np) f32 (or None). save_states without emit_y is the backward's recomputation: the
-    state walk alone, one product per chunk."""
+    state walk alone, one product per chunk. With cfg.two_pass, y comes from that walk's states and a
+    chunk-parallel kernel (`ssd_y`, one program per (head and p block, chunk, batch row)) instead of the walk."""
+    if emit_y and cfg.two_pass:
+        _, S, states = forward(cfg, x, delta, a, B, C, D, S0, r, r0, save_states=True, emit_y=False)
+        return _chunk_parallel_y(cfg, x, delta, a, B, C, D, states, r, r0), S, (states if save_states else None)
     b, Lp, h, Pp = x.shape
     Np = B.shape[3]
     Q, bp = cfg.chunk, cfg.block_p
@@ -181,6 +196,21 @@ def forward(cfg, x, delta, a, B, C, D, S0, r, r0, *, save_states, emit_y=True):
     outs = list(outs)
     y = outs.pop(0) if emit_y else None
     return y, outs[0], (outs[1] if save_states else None)
+
+
+def _chunk_parallel_y(cfg, x, delta, a, B, C, D, states, r, r0):
+    b, Lp, h, Pp = x.shape
+    Q, bp, Np = cfg.chunk, cfg.block_p_bwd, B.shape[3]
+    nc, npb = Lp // Q, Pp // bp
+    sp = _chunk_specs(h, B.shape[2], Q, bp, npb, Np)
+    segs = [] if r is None else [r, r0]
+    return pl.pallas_call(
+        functools.partial(_y_kernel, Q=Q, seg=bool(segs), mm=cfg.mm, ss=cfg.split_state, sm=cfg.split_m),
+        out_shape=jax.ShapeDtypeStruct(x.shape, cfg.out_dtype), grid=(h * npb, nc, b),
+        in_specs=[sp["x"], sp["head_l"], sp["head_l"], sp["group"], sp["group"], sp["D"], sp["state"]]
+        + sp["seg"][:len(segs)], out_specs=sp["x"], interpret=interpret_arg("gpu", cfg.interpret), name="ssd_y",
+        compiler_params=compiler_params("gpu", num_warps=cfg.num_warps_bwd, num_stages=cfg.num_stages_bwd),
+    )(x, delta, a, B, C, D, states, *segs)
 
 
 # --- backward --------------------------------------------------------------------------------------------

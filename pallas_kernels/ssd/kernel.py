@@ -57,6 +57,11 @@ class BlockSizes:
       one product per chunk (`ssd_states`; like mamba_ssm, which recomputes its chunk states). True: the forward
       writes them and they stay alive until the backward: float32 (p, n) per head and chunk, 4x the bytes of a
       bf16 x at n = 128, Q = 64 (8 bytes per element of x), in every layer of a model at once.
+    two_pass (GPU only): the forward as the state walk alone (`ssd_states`, one product per chunk) writing the
+      chunk-start states, then a chunk-parallel kernel for y (`ssd_y`, block_p_bwd, num_warps_bwd), instead of
+      one walk that also computes y (default). It trades a float32 round trip of the states through HBM for
+      b * h * (l / Q) * (p blocks) programs where the fused walk has b * h * (p blocks): which is faster depends
+      on the shape and the GPU (benchmarks/gpu_check.py times both).
     """
     chunk: int | None = None
     block_p: int | None = None
@@ -67,6 +72,7 @@ class BlockSizes:
     num_stages_bwd: int = 1
     split_operands: bool = True
     save_states: bool = False
+    two_pass: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +93,7 @@ class _Config:
     num_stages: int
     num_stages_bwd: int
     save_states: bool
+    two_pass: bool
 
 
 def ssd(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=True, dt_limit=None, initial_state=None,
@@ -248,10 +255,14 @@ def _configure(block_sizes, variant, interpret, x, B, C, l, p, n, gated):
     split = bs.split_operands  # which operand of which product goes in as a hi + lo pair (see _gpu.dot)
     split_state, split_m, split_dy = ("b" if split else ""), ("a" if split else ""), ("a" if split and gated else "")
     out = jnp.dtype(jnp.float32) if gated else jnp.dtype(x.dtype)
-    if not isinstance(bs.save_states, bool):
-        raise ValueError(f"block_sizes.save_states must be a bool, got {bs.save_states!r}")
+    for name in ("save_states", "two_pass"):
+        if not isinstance(getattr(bs, name), bool):
+            raise ValueError(f"block_sizes.{name} must be a bool, got {getattr(bs, name)!r}")
+    if bs.two_pass and variant != "gpu":
+        raise ValueError("block_sizes.two_pass=True is GPU-only (the TPU variant runs its chunks in sequence on "
+                         "one core anyway); pass False")
     cfg = _Config(variant, bool(interpret), Q, bp, bpb, mm, split_state, split_m, split_dy, out, bs.num_warps,
-                  bs.num_warps_bwd, bs.num_stages, bs.num_stages_bwd, bs.save_states)
+                  bs.num_warps_bwd, bs.num_stages, bs.num_stages_bwd, bs.save_states, bs.two_pass)
     return cfg, cm.round_up(l, Q), Pp, Np
 
 

@@ -61,6 +61,9 @@ GPU_CASES = {  # id: (make_inputs kwargs, segment lengths or None, dt_limit, Blo
     "l1": (dict(l=1, b=1), None, None, None),
     # the forward saves its chunk-start states instead of the backward recomputing them
     "l97_packed_saved_states": (dict(l=97, b=1), (50, 47), None, BlockSizes(chunk=16, save_states=True)),
+    # the forward as the state walk, then chunk-parallel y (2 head-dim blocks), states saved from it
+    "l97_packed_two_pass": (dict(l=97, b=1), (30, 67), None,
+                            BlockSizes(chunk=16, block_p_bwd=16, two_pass=True, save_states=True)),
 }
 SLOW_GPU = ("l257_Dh_defaults", "l257_packed_chunk32", "l1")
 
@@ -101,6 +104,11 @@ def test_gpu_backward_is_a_state_walk_then_chunk_parallel_kernels(monkeypatch):
     # the forward's block is halved down to 16 (b * h = 12 programs are too few): Pp = 64 in 4 blocks
     assert grids["ssd_bwd_state"] == grids["ssd_states"] == grids["ssd_fwd"] == (b, h, 4)
     assert grids["ssd_bwd_bc"] == grids["ssd_bwd_x"] == (h * 2, 16, b)
+    calls.clear()  # the two-pass forward: the state walk, then y chunk-parallel
+    jax.eval_shape(lambda x, dt, A, B: ssd_kernel(x, dt, A, B, B, variant="gpu",
+                                                  block_sizes=BlockSizes(block_p_bwd=32, two_pass=True)),
+                   x, jax.ShapeDtypeStruct((b, l, h), jnp.float32), jax.ShapeDtypeStruct((h,), jnp.float32), B)
+    assert calls == [("ssd_states", (b, h, 4)), ("ssd_y", (h * 2, 16, b))]
 
 
 @pytest.mark.parametrize("save_states", [False, pytest.param(True, marks=pytest.mark.slow)])
@@ -219,6 +227,8 @@ BAD = [  # (change to the good call, keyword arguments, message)
     ({}, dict(block_sizes=BlockSizes(chunk=8)), r"block_sizes.chunk=8 must be >= 16 on the GPU variant"),
     ({}, dict(block_sizes=BlockSizes(block_p_bwd=0)), r"block_sizes.block_p_bwd must be a positive int, got 0"),
     ({}, dict(block_sizes=BlockSizes(save_states=1)), r"block_sizes.save_states must be a bool, got 1"),
+    ({}, dict(block_sizes=BlockSizes(two_pass=1)), r"block_sizes.two_pass must be a bool, got 1"),
+    ({}, dict(block_sizes=BlockSizes(two_pass=True), variant="tpu"), r"block_sizes.two_pass=True is GPU-only"),
     ({}, dict(block_sizes=BlockSizes(num_warps=0)), r"block_sizes.num_warps must be a positive int"),
     ({}, dict(block_sizes=(64, 64)), r"block_sizes must be a BlockSizes or None, got tuple"),
     ({}, dict(block_sizes=BlockSizes(chunk=12), variant="tpu"), r"block_sizes.chunk=12 must be a multiple of 8"),
