@@ -15,6 +15,7 @@ table and writes JSON (benchmarks/report.py renders it into BENCHMARKS.md).
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 import tempfile
 import time
@@ -37,9 +38,13 @@ def chip_limits() -> tuple[str, float, float] | None:
     return None if c.assumed else (c.name, c.tflops, c.hbm / 1e12)
 
 
-def run_part(kernel: str, quick: bool) -> list[dict]:
+def run_part(kernel: str, quick: bool, deadline: float | None = None) -> list[dict]:
+    """The part's rows. A part whose `run` takes `deadline` (a time.perf_counter() value) skips its optional rows
+    once that time has passed, so a run near its budget still ends with the default rows."""
     try:
-        rows = importlib.import_module(f"benchmarks.gpu.{kernel}").run(quick=quick)
+        run = importlib.import_module(f"benchmarks.gpu.{kernel}").run
+        takes_deadline = "deadline" in inspect.signature(run).parameters
+        rows = run(quick=quick, deadline=deadline) if takes_deadline else run(quick=quick)
     except Exception as e:  # noqa: BLE001 - one broken part must not hide the others' results
         traceback.print_exc()
         return [{"kernel": kernel, "case": "-", "check": "error", "ok": False, "note": f"{type(e).__name__}: {e}"}]
@@ -116,7 +121,7 @@ def main(argv=None) -> int:
                          "note": f"time budget {args.budget_s:.0f} s spent ({elapsed:.0f} s)"})
             continue
         t0 = time.perf_counter()
-        part = run_part(kernel, args.quick)
+        part = run_part(kernel, args.quick, deadline=start + args.budget_s)
         print(f"{kernel}: {len(part)} rows in {time.perf_counter() - t0:.1f} s", flush=True)
         rows += part
         write_json(args.out, rows, dict(info, partial=True))  # a run killed by a timeout keeps what it measured

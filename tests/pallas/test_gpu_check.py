@@ -52,3 +52,21 @@ def test_quick_run_does_not_overwrite_the_device_results(monkeypatch, tmp_path):
     monkeypatch.setattr(gpu_check.tempfile, "gettempdir", lambda: str(tmp_path))
     assert gpu_check.main(["--quick", "--only", "ssd"]) == 0
     assert (tmp_path / "gpu_check_quick.json").exists()
+
+
+def test_a_spent_budget_skips_the_optional_rows_but_not_the_defaults(monkeypatch):
+    """run_part hands the budget's deadline to a part that takes one; the SSD part then times its default rows and
+    reports its variant rows (two-pass, no-split, saved-states) as skipped."""
+    import time
+
+    from benchmarks.gpu import ssd as part
+
+    timed = []
+    monkeypatch.setattr(part, "_correctness", lambda quick: [])
+    monkeypatch.setattr(part, "_timing", lambda *a: timed.append(a[-1]) or {"case": a, "check": "timing"})
+    rows = gpu_check.run_part("ssd", quick=False, deadline=time.perf_counter() - 1.0)
+    assert timed == ["", ""]  # n = 64 and n = 128 with the op's defaults
+    skipped = [r["case"] for r in rows if r["check"] == "skipped"]
+    assert len(skipped) == 5 and all(c.split()[-1] in part.VARIANTS for c in skipped), skipped
+    rows = gpu_check.run_part("ssd", quick=False, deadline=None)
+    assert not [r for r in rows if r["check"] == "skipped"] and timed.count("") == 4 and len(timed) == 9
