@@ -214,11 +214,13 @@ def _chunk_parallel_y(cfg, x, delta, a, B, C, D, states, r, r0):
 
 
 # --- backward --------------------------------------------------------------------------------------------
-# Two kernels. `ssd_bwd_state` walks the chunks in reverse per (batch, head, p block), like the forward, with one
-# product per chunk: it saves every chunk's dS_next (the adjoint of the state the chunk ends in) and returns dS0.
-# `ssd_bwd` then runs one program per (head, p block, chunk, batch): a chunk's adjoints depend only on its own
-# inputs, its start state (saved by the forward) and dS_next, so the chunks are independent. The grid fills the
-# GPU whatever b * h is, and no state is carried across a loop (registers go to the chunk's tiles).
+# After the chunk-start states (recomputed by `forward(..., emit_y=False)` unless saved), three kernels.
+# `ssd_bwd_state` walks the chunks in reverse per (batch, head, p block), like the forward, with one product per
+# chunk: it saves every chunk's dS_next (the adjoint of the state the chunk ends in) and returns dS0. `ssd_bwd_bc`
+# and `ssd_bwd_x` then run one program per (head and p block, chunk, batch row): a chunk's adjoints depend only on
+# its own inputs, its start state and dS_next, so the chunks are independent. The grid fills the GPU whatever
+# b * h is, no state is carried across a loop, and splitting the adjoints over two kernels halves the tiles each
+# holds (ptxas spilled 284 B / 752 B per thread at n = 64 / 128 with one kernel, 4 B / 208 B with two).
 
 def state_adjoint(dy, C, a, segc, dS, Q, mm, ss, sd):
     """dS_prev = carry dS_next + dy^T (win C): the adjoint of a chunk's start state, from dS_next (bp, N)."""
