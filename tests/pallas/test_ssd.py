@@ -65,7 +65,7 @@ GPU_CASES = {  # id: (make_inputs kwargs, segment lengths or None, dt_limit, Blo
     "l97_packed_two_pass": (dict(l=97, b=1), (30, 67), None,
                             BlockSizes(chunk=16, block_p_bwd=16, two_pass=True, save_states=True)),
 }
-SLOW_GPU = ("l257_Dh_defaults", "l257_packed_chunk32", "l1")
+SLOW_GPU = ("l257_Dh_defaults", "l257_packed_chunk32", "l1", "l97_packed_saved_states")  # two_pass saves states too
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_GPU else c
