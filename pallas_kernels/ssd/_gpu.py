@@ -152,7 +152,7 @@ def _fwd_kernel(*refs, Q, nc, seg, save, emit_y, mm, ss, sm):
 
 def _y_kernel(*refs, Q, seg, mm, ss, sm):
     (x_ref, delta_ref, a_ref, B_ref, C_ref, D_ref, S_ref), seg_refs, (y_ref,), _ = _split_refs(refs, 7, seg, 1)
-    segc = (seg_refs[0][...], jnp.max(seg_refs[1][...])) if seg else None
+    segc = _chunk_seg(seg_refs) if seg else None
     L, win, _, _ = chunk_decays(a_ref[...], segc, Q)
     y = chunk_output(x_ref[...], delta_ref[...], B_ref[...], C_ref[...], L, win, S_ref[...], D_ref[...], mm, ss, sm)
     y_ref[...] = y.astype(y_ref.dtype)
@@ -199,18 +199,31 @@ def forward(cfg, x, delta, a, B, C, D, S0, r, r0, *, save_states, emit_y=True):
 
 
 def _chunk_parallel_y(cfg, x, delta, a, B, C, D, states, r, r0):
+    sp, grid = _chunk_grid(cfg, x, B)
+    return _chunk_parallel_call(
+        cfg, functools.partial(_y_kernel, sm=cfg.split_m), "ssd_y", sp, grid,
+        jax.ShapeDtypeStruct(x.shape, cfg.out_dtype),
+        [sp["x"], sp["head_l"], sp["head_l"], sp["group"], sp["group"], sp["D"], sp["state"]], sp["x"],
+        [x, delta, a, B, C, D, states], r, r0)
+
+
+def _chunk_grid(cfg, x, B):
+    """(BlockSpecs, grid) of the chunk-parallel kernels: one program per (head and p block, chunk, batch row)."""
     b, Lp, h, Pp = x.shape
-    Q, bp, Np = cfg.chunk, cfg.block_p_bwd, B.shape[3]
-    nc, npb = Lp // Q, Pp // bp
-    sp = _chunk_specs(h, B.shape[2], Q, bp, npb, Np)
+    npb = Pp // cfg.block_p_bwd
+    return _chunk_specs(h, B.shape[2], cfg.chunk, cfg.block_p_bwd, npb, B.shape[3]), (h * npb, Lp // cfg.chunk, b)
+
+
+def _chunk_parallel_call(cfg, kernel, name, sp, grid, out_shape, in_specs, out_specs, args, r, r0):
+    """A chunk-parallel kernel's pallas_call (block_p_bwd, num_warps_bwd, num_stages_bwd); the segment rows, when
+    there are any, are appended to its inputs."""
     segs = [] if r is None else [r, r0]
     return pl.pallas_call(
-        functools.partial(_y_kernel, Q=Q, seg=bool(segs), mm=cfg.mm, ss=cfg.split_state, sm=cfg.split_m),
-        out_shape=jax.ShapeDtypeStruct(x.shape, cfg.out_dtype), grid=(h * npb, nc, b),
-        in_specs=[sp["x"], sp["head_l"], sp["head_l"], sp["group"], sp["group"], sp["D"], sp["state"]]
-        + sp["seg"][:len(segs)], out_specs=sp["x"], interpret=interpret_arg("gpu", cfg.interpret), name="ssd_y",
+        functools.partial(kernel, Q=cfg.chunk, seg=bool(segs), mm=cfg.mm, ss=cfg.split_state),
+        out_shape=out_shape, grid=grid, in_specs=in_specs + sp["seg"][:len(segs)], out_specs=out_specs,
+        interpret=interpret_arg("gpu", cfg.interpret), name=name,
         compiler_params=compiler_params("gpu", num_warps=cfg.num_warps_bwd, num_stages=cfg.num_stages_bwd),
-    )(x, delta, a, B, C, D, states, *segs)
+    )(*args, *segs)
 
 
 # --- backward --------------------------------------------------------------------------------------------
@@ -277,6 +290,11 @@ def _bwd_state_kernel(*refs, Q, nc, seg, mm, ss, sd):
     dS0_ref[...] = lax.fori_loop(0, nc, body, dSf_ref[...])
 
 
+def _chunk_seg(seg_refs):
+    """(r (Q,), r0) of a chunk-parallel program's chunk: its steps' segment indices and its start state's."""
+    return seg_refs[0][...], jnp.max(seg_refs[1][...])
+
+
 def _putter(names, refs):
     dst = dict(zip(names, refs))
 
@@ -289,7 +307,7 @@ def _putter(names, refs):
 def _bwd_bc_kernel(*refs, Q, seg, mm, ss, sd):
     (x_ref, delta_ref, a_ref, B_ref, C_ref, S_ref, dS_ref, dy_ref), seg_refs, outs, _ = _split_refs(
         refs, 8, seg, 3)
-    segc = (seg_refs[0][...], jnp.max(seg_refs[1][...])) if seg else None
+    segc = _chunk_seg(seg_refs) if seg else None
     chunk_backward_bc(x_ref[...], delta_ref[...], a_ref[...], B_ref[...], C_ref[...], dy_ref[...], S_ref[...],
                       dS_ref[...], segc, Q, mm, ss, sd, _putter(("dB", "dC", "da"), outs))
 
@@ -297,7 +315,7 @@ def _bwd_bc_kernel(*refs, Q, seg, mm, ss, sd):
 def _bwd_x_kernel(*refs, Q, seg, mm, ss, sd, sm):
     (x_ref, delta_ref, a_ref, B_ref, C_ref, D_ref, dS_ref, dy_ref), seg_refs, outs, _ = _split_refs(
         refs, 8, seg, 3)
-    segc = (seg_refs[0][...], jnp.max(seg_refs[1][...])) if seg else None
+    segc = _chunk_seg(seg_refs) if seg else None
     chunk_backward_x(x_ref[...], delta_ref[...], a_ref[...], B_ref[...], C_ref[...], dy_ref[...], dS_ref[...],
                      D_ref[...], segc, Q, mm, ss, sd, sm, _putter(("dx", "ddx", "dD"), outs))
 
@@ -331,7 +349,6 @@ def backward(cfg, x, delta, a, B, C, D, states, r, r0, dy, dSf):
     nc = Lp // Q
     seg = r is not None
     segs = [r, r0] if seg else []
-    interpret = interpret_arg("gpu", cfg.interpret)
 
     # 1. dS_next of every chunk, walking the chunks in reverse (the forward's p block: more programs)
     bp = cfg.block_p
@@ -341,30 +358,23 @@ def backward(cfg, x, delta, a, B, C, D, states, r, r0, dy, dSf):
                           sd=cfg.split_dy),
         out_shape=[jax.ShapeDtypeStruct(states.shape, F32), jax.ShapeDtypeStruct(dSf.shape, F32)],
         grid=(b, h, Pp // bp), in_specs=[sp["head_l"], sp["group"], sp["x"], sp["state"]] + sp["seg"][:len(segs)],
-        out_specs=[sp["states"], sp["state"]], interpret=interpret, name="ssd_bwd_state",
+        out_specs=[sp["states"], sp["state"]], interpret=interpret_arg("gpu", cfg.interpret), name="ssd_bwd_state",
         compiler_params=compiler_params("gpu", num_warps=cfg.num_warps, num_stages=cfg.num_stages),
     )(a, C, dy, dSf, *segs)
 
     # 2. every chunk's adjoints at once, in two kernels (each holds fewer tiles): B, C and a; then x and delta
-    bp = cfg.block_p_bwd
-    npb = Pp // bp
-    sp = _chunk_specs(h, g, Q, bp, npb, Np)
-    launch = lambda kernel, name, out_shape, in_specs, out_specs, *args: pl.pallas_call(
-        functools.partial(kernel, Q=Q, seg=seg, mm=cfg.mm, ss=cfg.split_state, sd=cfg.split_dy),
-        out_shape=out_shape, grid=(h * npb, nc, b), in_specs=in_specs + sp["seg"][:len(segs)],
-        out_specs=out_specs, interpret=interpret, name=name,
-        compiler_params=compiler_params("gpu", num_warps=cfg.num_warps_bwd, num_stages=cfg.num_stages_bwd),
-    )(*args, *segs)
-    dB, dC, da = launch(
-        _bwd_bc_kernel, "ssd_bwd_bc",
+    sp, grid = _chunk_grid(cfg, x, B)
+    npb = grid[0] // h
+    dB, dC, da = _chunk_parallel_call(
+        cfg, functools.partial(_bwd_bc_kernel, sd=cfg.split_dy), "ssd_bwd_bc", sp, grid,
         [jax.ShapeDtypeStruct((b, Lp, h * npb, Np), F32)] * 2 + [jax.ShapeDtypeStruct((b, h, npb, Lp), F32)],
         [sp["x"], sp["head_l"], sp["head_l"], sp["group"], sp["group"], sp["state"], sp["state"], sp["x"]],
-        [sp["per_prog_n"], sp["per_prog_n"], sp["per_prog_l"]], x, delta, a, B, C, states, dstates, dy)
-    dx, ddx, dD = launch(
-        functools.partial(_bwd_x_kernel, sm=cfg.split_m), "ssd_bwd_x",
+        [sp["per_prog_n"], sp["per_prog_n"], sp["per_prog_l"]], [x, delta, a, B, C, states, dstates, dy], r, r0)
+    dx, ddx, dD = _chunk_parallel_call(
+        cfg, functools.partial(_bwd_x_kernel, sd=cfg.split_dy, sm=cfg.split_m), "ssd_bwd_x", sp, grid,
         [jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((b, h, npb, Lp), F32),
          jax.ShapeDtypeStruct((b, nc, h, Pp), F32)],
         [sp["x"], sp["head_l"], sp["head_l"], sp["group"], sp["group"], sp["D"], sp["state"], sp["x"]],
-        [sp["x"], sp["per_prog_l"], sp["dD"]], x, delta, a, B, C, D, dstates, dy)
+        [sp["x"], sp["per_prog_l"], sp["dD"]], [x, delta, a, B, C, D, dstates, dy], r, r0)
     group_sum = lambda t: t.reshape(b, Lp, g, hg * npb, Np).sum(3)
     return dx, ddx.sum(2), da.sum(2), group_sum(dB), group_sum(dC), dD.sum((0, 1)), dS0
