@@ -132,8 +132,7 @@ def ssd(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=True, dt_li
         _pad(C.astype(bc), {1: Lp, 3: Np}),
         _pad(jnp.zeros((h, p), jnp.float32) if D is None else jnp.broadcast_to(
             f32(D)[:, None] if D.ndim == 1 else f32(D), (h, p)), {1: Pp}),
-        _pad(jnp.zeros((b, h, p, n), jnp.float32) if initial_state is None else f32(initial_state),
-             {2: Pp, 3: Np}),
+        None if initial_state is None else _pad(f32(initial_state), {2: Pp, 3: Np}),  # None: zeros in _scan
     ) + _segment_indices(segment_ids, Lp, cfg.chunk)
     y, S = _scan(cfg, *args)
     y = y[:, :l, :, :p]
@@ -164,26 +163,32 @@ def _variant(cfg):
     return _gpu if cfg.variant == "gpu" else _tpu
 
 
+def _initial(x, B, S0):
+    """S0, or the zero state (b, h, Pp, Np) when there is none: built where it is used, so it is never a residual."""
+    return jnp.zeros((x.shape[0], x.shape[2], x.shape[3], B.shape[3]), jnp.float32) if S0 is None else S0
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _scan(cfg, x, delta, a, B, C, D, S0, r, r0):
-    y, S, _ = _variant(cfg).forward(cfg, x, delta, a, B, C, D, S0, r, r0, save_states=False)
+    y, S, _ = _variant(cfg).forward(cfg, x, delta, a, B, C, D, _initial(x, B, S0), r, r0, save_states=False)
     return y, S
 
 
 def _scan_fwd(cfg, x, delta, a, B, C, D, S0, r, r0):
-    y, S, states = _variant(cfg).forward(cfg, x, delta, a, B, C, D, S0, r, r0, save_states=cfg.save_states)
-    return (y, S), (x, delta, a, B, C, D, states if cfg.save_states else S0, r, r0)
+    y, S, states = _variant(cfg).forward(cfg, x, delta, a, B, C, D, _initial(x, B, S0), r, r0,
+                                         save_states=cfg.save_states)
+    return (y, S), (x, delta, a, B, C, D, S0, states, r, r0)  # S0 None (no initial state): no residual
 
 
 def _scan_bwd(cfg, res, cts):
-    x, delta, a, B, C, D, states, r, r0 = res
-    if not cfg.save_states:  # the residual is S0: recompute the chunk-start states (the walk alone, no y)
-        _, _, states = _variant(cfg).forward(cfg, x, delta, a, B, C, D, states, r, r0, save_states=True,
-                                             emit_y=False)
+    x, delta, a, B, C, D, S0, states, r, r0 = res
+    if states is None:  # recompute the chunk-start states (the walk alone, no y)
+        _, _, states = _variant(cfg).forward(cfg, x, delta, a, B, C, D, _initial(x, B, S0), r, r0,
+                                             save_states=True, emit_y=False)
     dy, dS = cts
     dx, ddelta, da, dB, dC, dD, dS0 = _variant(cfg).backward(
         cfg, x, delta, a, B, C, D, states, r, r0, dy.astype(cfg.out_dtype), dS.astype(jnp.float32))
-    return dx, ddelta, da, dB.astype(B.dtype), dC.astype(C.dtype), dD, dS0, None, None
+    return dx, ddelta, da, dB.astype(B.dtype), dC.astype(C.dtype), dD, None if S0 is None else dS0, None, None
 
 
 _scan.defvjp(_scan_fwd, _scan_bwd)

@@ -123,7 +123,8 @@ def test_tpu_variant_matches_reference_outputs_state_and_every_gradient(rng, key
 @pytest.mark.parametrize("save_states", [False, True])
 def test_what_the_backward_keeps_from_the_forward(rng, variant, save_states):
     """By default the forward's residuals hold no chunk-start states (b, h, l / Q, p, n): the backward recomputes
-    them. With BlockSizes(save_states=True) they are saved, float32."""
+    them. With BlockSizes(save_states=True) they are saved, float32. Without an initial state, no (b, h, p, n) zero
+    state is kept."""
     b, l, h, p, n, Q = 1, 40, 2, 16, 16, 16
     args = make_inputs(rng, b=b, l=l, h=h, p=p, n=n, g=1)
     fn = lambda x, B, C: ssd_kernel(x, args["dt"], args["A"], B, C, variant=variant,
@@ -135,6 +136,13 @@ def test_what_the_backward_keeps_from_the_forward(rng, variant, save_states):
     states = [s for s in shapes if s == (b, h, 3, p, Np)]
     assert len(states) == (1 if save_states else 0)
     assert not any(len(s) == 5 for s in shapes if s not in states)
+    assert (b, h, p, Np) not in shapes  # no initial state given: no zero state is kept either
+    # and the backward built from these residuals is right
+    ref = lambda x, B, C: ssd(x, args["dt"], args["A"], B, C, impl="reference")
+    y, ref_vjp = jax.vjp(ref, args["x"], args["B"], args["C"])
+    dy = jax.random.normal(jax.random.key(1), y.shape, y.dtype)
+    for name, ours, want in zip("xBC", vjp(dy), ref_vjp(dy)):
+        assert_close(f"d/d{name}", ours, want, 1e-4)
 
 
 def test_bf16_error_at_most_twice_the_xla_paths(rng, key):
