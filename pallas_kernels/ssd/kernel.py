@@ -39,11 +39,12 @@ class BlockSizes:
       Defaults: backward min(64, next_pow2(p)) (each program writes its own dB / dC partial, so fewer
       blocks move fewer bytes); forward the same, halved (down to 16) while b * h * (p blocks) < 128
       programs, so a small batch still fills the GPU (the chunk walk is sequential inside a program). The
-      backward's chunk-parallel kernels have b * h * (l / Q) * (p blocks) programs and need no halving.
+      chunk-parallel kernels (block_p_bwd) have b * h * (l / Q) * (p blocks) programs and need no halving.
       The TPU variant takes the whole (8-padded) head dim and accepts only None.
-    num_warps, num_stages: Triton launch parameters (GPU only) of the kernels that walk the chunks: the forward
-      and the backward's dS walk (both use block_p). num_warps_bwd, num_stages_bwd: those of the backward's two
-      chunk-parallel kernels (block_p_bwd). At the defaults (Q = 64, p = 64) benchmarks/triton_ptx_check.py
+    num_warps, num_stages: Triton launch parameters (GPU only) of the kernels that walk the chunks (block_p):
+      the forward, the state walk that recomputes the chunk-start states, the backward's dS walk.
+      num_warps_bwd, num_stages_bwd: those of the chunk-parallel kernels (block_p_bwd): the backward's two and
+      the two-pass forward's y. At the defaults (Q = 64, p = 64) benchmarks/triton_ptx_check.py
       measures, for sm_90a: forward spill-free at n = 64 and 72 B spilled per thread at n = 128; backward
       spill-free except 4 B (n = 64) and 208 B (n = 128) in the B / C kernel (4 or 16 warps spill more).
     split_operands: with 16-bit inputs the matmuls take bf16 / f16 operands; the float32 ones that are not
@@ -164,7 +165,7 @@ def _variant(cfg):
 
 
 def _initial(x, B, S0):
-    """S0, or the zero state (b, h, Pp, Np) when there is none: built where it is used, so it is never a residual."""
+    """S0, or the zero state (b, h, Pp, Np) when there is none: built where it is used, never a residual."""
     return jnp.zeros((x.shape[0], x.shape[2], x.shape[3], B.shape[3]), jnp.float32) if S0 is None else S0
 
 
