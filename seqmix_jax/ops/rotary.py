@@ -83,6 +83,7 @@ def apply_rotary(x: Float[Array, "b l h k"], positions: Int[Array, "l"] | Int[Ar
     # b=8, l=512, h=4, k=64).
     constant = known and positions.size * r <= MAX_TABLE
     with jax.ensure_compile_time_eval() if constant else contextlib.nullcontext():
+        # positions_in is converted again in here: outside, under jit, jnp.asarray stages it into the program
         cos, sin = _tables(jnp.asarray(positions_in), inv_freq, r, base, position_scale)
     cos, sin = (t[None, :, None, :] if positions.ndim == 1 else t[:, :, None, :] for t in (cos, sin))
     xr = x[..., :r].astype(jnp.float32)
@@ -109,7 +110,6 @@ def _tables(positions, inv_freq, r, base, position_scale):
         pos = pos / jnp.float32(position_scale)
     angle = pos[..., None] * inv_freq
     return jnp.cos(angle), jnp.sin(angle)
-
 
 
 def _check_rotary_dim(r, k: int | None) -> None:
