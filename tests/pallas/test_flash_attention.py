@@ -23,8 +23,6 @@ from pallas_kernels.flash_attention import BlockSizes, flash_attention, flash_at
 from seqmix_jax.ops import attention
 from tests.helpers import assert_close, rel_err
 
-# XLA's CPU backend without optimization compiles the interpreted kernels about twice as fast; they run in ms
-FAST_COMPILE = {"xla_backend_optimization_level": 0}
 SMALL = BlockSizes(block_q=32, block_k=16, block_q_dkv=16, block_k_dkv=32, block_q_dq=64, block_k_dq=16)
 SMALL_FUSED = BlockSizes(block_q=32, block_k=16, block_q_dkv=16, block_k_dkv=32, fused_bwd=True)
 
@@ -42,7 +40,7 @@ def _forward_and_grads(fn, q, k, v, cotangent):
         return jnp.sum(out.astype(jnp.float32) * cotangent), out
 
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
-    (_, out), grads = step.lower(q, k, v).compile(compiler_options=FAST_COMPILE)(q, k, v)
+    (_, out), grads = step(q, k, v)
     return (out, *grads)
 
 

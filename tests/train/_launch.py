@@ -1,7 +1,8 @@
 """Subprocess helpers for the end-to-end trainer tests: launch train.py with a given fake-device count, watch its
 metrics, snapshot run directories.
 
-Every child runs on CPU with `--xla_force_host_platform_device_count=N` and shares one persistent XLA compilation
+Every child runs on CPU with `--xla_force_host_platform_device_count=N` (plus the test process's
+`--xla_backend_optimization_level`, see tests/conftest.py) and shares one persistent XLA compilation
 cache (a directory the caller owns): the cache only skips recompiling programs an earlier child already compiled
 (same HLO, same executable), so it changes no number, and it cuts a child's start from ~20 s to ~6 s here.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -24,7 +26,9 @@ TRAIN = ROOT / "train.py"
 def child_env(devices: int, cache_dir: str | os.PathLike | None = None, extra: dict | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
     env["JAX_PLATFORMS"] = "cpu"
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    # the test process's CPU backend optimization level (tests/conftest.py), if it set one; no other parent flag
+    opt = re.findall(r"--xla_backend_optimization_level=\S+", os.environ.get("XLA_FLAGS", ""))
+    env["XLA_FLAGS"] = " ".join([f"--xla_force_host_platform_device_count={devices}", *opt[-1:]])
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     if cache_dir is not None:
         env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
