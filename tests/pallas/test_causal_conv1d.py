@@ -94,12 +94,9 @@ CASES = [
     ("gpu_w16_max_width", "gpu", 1, 41, 37, 16, "silu", True, True, True, None),
     ("tpu_w16_max_width", "tpu", 1, 41, 37, 16, "silu", True, True, True, BlockSizes(block_l=16, block_l_bwd=32)),
 ]
-SLOW = {"gpu_plain_w2", "gpu_w3_segments_no_init", "gpu_w1", "tpu_plain_w2", "tpu_w3_init_no_bias",
-        "gpu_w16_max_width", "tpu_w16_max_width"}
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c[0], marks=[pytest.mark.slow] if c[0] in SLOW else [])
-                                  for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_forward_state_and_grads_match_reference(rng, key, case):
     name, variant, b, l, c, w, activation, use_bias, use_init, use_seg, blocks = case
     args, seg = make_inputs(rng, b, l, c, w, segments=use_seg)
@@ -122,7 +119,7 @@ def test_forward_state_and_grads_match_reference(rng, key, case):
         assert_close(f"{name} d{k}", g[k], g_ref[k], 1e-4)
 
 
-@pytest.mark.parametrize("variant", ["gpu", pytest.param("tpu", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("variant", ["gpu", "tpu"])
 def test_bf16_error_at_most_twice_the_xla_paths(rng, key, variant):
     """Against the float32 reference on the same (bf16-representable) inputs, the kernel's error in y and every
     gradient is at most 2x the op's xla path run in bf16 (plus a 1e-4 floor). Segment masking is
@@ -166,7 +163,7 @@ def test_update_matches_op_update_and_forward_step_by_step(rng, variant):
     assert np.array_equal(state, state_full)
 
 
-@pytest.mark.parametrize("variant", ["gpu", pytest.param("tpu", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("variant", ["gpu", "tpu"])
 def test_update_bf16_copies_state_exactly_and_w1(rng, variant):
     """bf16: the new state is a bit-exact shift, y within bf16 rounding of the op's update; w = 1 has no state."""
     args, _ = make_inputs(rng, 3, 2, 37, 3, dtype=jnp.bfloat16, segments=False)
@@ -186,7 +183,6 @@ def test_update_bf16_copies_state_exactly_and_w1(rng, variant):
     assert new1.shape == (3, 0, 37) and rel_err(y1, y1_op)[0] <= 2 ** -8
 
 
-@pytest.mark.slow
 def test_update_gradient_is_the_references(rng):
     """The update's custom_vjp differentiates the reference step (decoding rarely needs gradients)."""
     args, _ = make_inputs(rng, 2, 2, 37, 4, segments=False)

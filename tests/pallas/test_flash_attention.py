@@ -65,8 +65,6 @@ GPU_CASES = {
     # causal GQA (h=6 / g=2), l=97 < s=131 bottom-right aligned (q_offset 34), head dim 72 padded to 128,
     # soft-cap; 4 query / 9 key blocks in the forward
     "causal_gqa_l97_s131_k72_softcap": dict(shape=(2, 97, 131, 6, 2, 72), op_kw=dict(softcap=3.0)),
-}
-GPU_SLOW = {
     "noncausal_l97_k96": dict(shape=(1, 97, 97, 6, 3, 96), op_kw=dict(causal=False)),
     "causal_window_l33_s97_k128": dict(shape=(1, 33, 97, 6, 3, 128), op_kw=dict(window=40)),
     "causal_int_offset_window_l257_k80": dict(shape=(1, 257, 263, 6, 2, 80),
@@ -74,9 +72,9 @@ GPU_SLOW = {
 }
 
 
-@pytest.mark.parametrize("case", [*GPU_CASES, *(pytest.param(c, marks=pytest.mark.slow) for c in GPU_SLOW)])
+@pytest.mark.parametrize("case", GPU_CASES)
 def test_gpu_variant_matches_reference(rng, case):
-    spec = {**GPU_CASES, **GPU_SLOW}[case]
+    spec = GPU_CASES[case]
     _compare(rng, *spec["shape"], dict(block_sizes=SMALL, variant="gpu"), spec["op_kw"])
 
 
@@ -119,8 +117,7 @@ TPU_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=[pytest.mark.slow] if i else [])  # the first is the fast one
-                                  for i, c in enumerate(TPU_CASES)])
+@pytest.mark.parametrize("case", TPU_CASES)
 def test_tpu_variant_matches_reference(rng, case):
     spec = TPU_CASES[case]
     op_kw = dict(spec["op_kw"])
@@ -134,7 +131,7 @@ def test_tpu_variant_matches_reference(rng, case):
 @pytest.mark.parametrize("blocks,factor", [
     (SMALL, 2),
     # opt-in: dS rounded to bf16 for the dQ / dK dots (FA-2's choice) measured up to ~2.2x; bounded at 3x
-    pytest.param(dataclasses.replace(SMALL_FUSED, ds_in_input_dtype=True), 3, marks=pytest.mark.slow),
+    (dataclasses.replace(SMALL_FUSED, ds_in_input_dtype=True), 3),
 ], ids=["default", "fused_ds_bf16"])
 def test_bf16_error_within_twice_the_xla_path(rng, blocks, factor):
     b, l, h, g, k = 2, 97, 6, 2, 72

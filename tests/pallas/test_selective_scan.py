@@ -70,7 +70,6 @@ def test_gpu_no_options_ungrouped_no_softplus_small_blocks(rng, key):
                             block_sizes=BlockSizes(block_d=4, block_d_bwd=2, chunk=16, unroll=2, sub_chunk=2))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("l, n", [(257, 16), (97, 16), (257, 7)])
 def test_gpu_sweep(rng, key, l, n):
     args = make_inputs(rng, b=2, l=l, n=n)
@@ -87,7 +86,6 @@ def test_tpu_every_option_packed_grouped(rng, key):
                             block_sizes=BlockSizes(chunk=16, unroll=4))
 
 
-@pytest.mark.slow
 def test_tpu_no_options_n16(rng, key):
     args = make_inputs(rng, b=1, l=257, d=20, n=16, g=None, options=False)
     check_against_reference(args, key, variant="tpu")

@@ -65,11 +65,9 @@ GPU_CASES = {  # id: (make_inputs kwargs, segment lengths or None, dt_limit, Blo
     "l97_packed_two_pass": (dict(l=97, b=1), (30, 67), None,
                             BlockSizes(chunk=16, block_p_bwd=16, two_pass=True, save_states=True)),
 }
-SLOW_GPU = ("l257_Dh_defaults", "l257_packed_chunk32", "l1", "l97_packed_saved_states")  # two_pass saves states too
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_GPU else c
-                                  for c in GPU_CASES])
+@pytest.mark.parametrize("case", GPU_CASES)
 def test_gpu_variant_matches_reference_outputs_state_and_every_gradient(rng, key, case):
     shape_kw, lengths, dt_limit, bs = GPU_CASES[case]
     args = make_inputs(rng, **shape_kw)
@@ -111,7 +109,7 @@ def test_gpu_backward_is_a_state_walk_then_chunk_parallel_kernels(monkeypatch):
     assert calls == [("ssd_states", (b, h, 4)), ("ssd_y", (h * 2, 16, b))]
 
 
-@pytest.mark.parametrize("save_states", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("save_states", [False, True])
 def test_tpu_variant_matches_reference_outputs_state_and_every_gradient(rng, key, save_states):
     """Mosaic semantics under the TPU interpreter (slow: small sizes); 3 chunks of 16, n padded to 128."""
     args = make_inputs(rng, b=1, l=37, h=4, p=12, n=7, g=2)
