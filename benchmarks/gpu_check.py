@@ -7,15 +7,16 @@
 Each kernel's part lives in benchmarks/gpu/<kernel>.py (`run(quick) -> rows`): first its correctness against
 the op's reference on the device (forward and gradients), then its forward and forward+backward times against the
 op's xla path (and, for attention, cuDNN) at the sizes of issue 7's targets, in bf16. This script runs the parts in
-turn within a time budget (a part that would start after the budget is reported as skipped), lines up the SSD and
-selective-scan rows that share a shape (the "SSD faster than the Mamba-1 scan at n = 64-128" target), prints one
-table and writes JSON (benchmarks/report.py renders it into BENCHMARKS.md).
+turn within a time budget (a part that would start after the budget is reported as skipped), then the parts'
+optional rows (`variants(quick, deadline) -> rows`: other block sizes, skipped once the budget is spent, so they
+never crowd out another part's defaults), lines up the SSD and selective-scan rows that share a shape (the "SSD
+faster than the Mamba-1 scan at n = 64-128" target), prints one table and writes JSON (benchmarks/report.py renders
+it into BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import importlib
-import inspect
 import sys
 import tempfile
 import time
@@ -38,13 +39,15 @@ def chip_limits() -> tuple[str, float, float] | None:
     return None if c.assumed else (c.name, c.tflops, c.hbm / 1e12)
 
 
-def run_part(kernel: str, quick: bool, deadline: float | None = None) -> list[dict]:
-    """The part's rows. A part whose `run` takes `deadline` (a time.perf_counter() value) skips its optional rows
-    once that time has passed, so a run near its budget still ends with the default rows."""
+def run_part(kernel: str, quick: bool, deadline: float | None = None, phase: str = "run") -> list[dict]:
+    """The part's rows for one phase: "run" (correctness, then timings with the op's defaults) or "variants" (the
+    optional timing rows, which the part skips once time.perf_counter() passes `deadline`); [] when the part has
+    no such phase."""
     try:
-        run = importlib.import_module(f"benchmarks.gpu.{kernel}").run
-        takes_deadline = "deadline" in inspect.signature(run).parameters
-        rows = run(quick=quick, deadline=deadline) if takes_deadline else run(quick=quick)
+        fn = getattr(importlib.import_module(f"benchmarks.gpu.{kernel}"), phase, None)
+        if fn is None:
+            return []
+        rows = fn(quick=quick) if phase == "run" else fn(quick=quick, deadline=deadline)
     except Exception as e:  # noqa: BLE001 - one broken part must not hide the others' results
         traceback.print_exc()
         return [{"kernel": kernel, "case": "-", "check": "error", "ok": False, "note": f"{type(e).__name__}: {e}"}]
@@ -121,10 +124,18 @@ def main(argv=None) -> int:
                          "note": f"time budget {args.budget_s:.0f} s spent ({elapsed:.0f} s)"})
             continue
         t0 = time.perf_counter()
-        part = run_part(kernel, args.quick, deadline=start + args.budget_s)
+        part = run_part(kernel, args.quick)
         print(f"{kernel}: {len(part)} rows in {time.perf_counter() - t0:.1f} s", flush=True)
         rows += part
         write_json(args.out, rows, dict(info, partial=True))  # a run killed by a timeout keeps what it measured
+    broken = {r["kernel"] for r in rows if r.get("check") in ("error", "skipped") and r.get("case") == "-"}
+    for kernel in [k for k in only if k not in broken]:  # the optional rows, once every part's defaults are in
+        t0 = time.perf_counter()
+        part = run_part(kernel, args.quick, deadline=start + args.budget_s, phase="variants")
+        if part:
+            print(f"{kernel} variants: {len(part)} rows in {time.perf_counter() - t0:.1f} s", flush=True)
+            rows += part
+            write_json(args.out, rows, dict(info, partial=True))
     rows += ssd_vs_scan(rows)
     info["wall_s"] = round(time.perf_counter() - start, 1)
     print(report(rows, info))

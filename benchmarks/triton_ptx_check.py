@@ -9,9 +9,11 @@ For each kernel's GPU variant at the issue's bf16 shapes this lowers the forward
 say "gpu" so the entries pick the compiled Triton path, as tests/pallas/test_lowering.py does), takes every Triton
 kernel out of the lowered module and compiles it with the pip `triton` package to PTX and a cubin for sm_90a. One
 row per Triton kernel: its launch parameters, ptxas's registers per thread, spill stores / loads and stack frame,
-Triton's shared memory, and whether it compiled (or the error). Block sizes are the entries' defaults (what the ops
-use: they pass none); attention also runs with BlockSizes(fused_bwd=True, ds_in_input_dtype=True), SSD at n = 128
-with BlockSizes(two_pass=True).
+Triton's shared memory, whether it compiled (or the error), and for kernels with exp2 in a loop the instructions
+per exp2 of the innermost such loop in the SASS (cuobjdump -sass; see `_sass_stats`: above 8 the loop is bound by
+instruction issue rather than by the exp unit). Block sizes are the entries' defaults (what the ops use: they pass
+none); attention also runs with BlockSizes(fused_bwd=True, ds_in_input_dtype=True), SSD at n = 128 with
+BlockSizes(two_pass=True), and the selective scan's forward with wider channel blocks (block_d 16; 32 at n = 16).
 
 Where the kernel is: jaxlib <= 0.10.2 lowers a GPU pallas_call to `stablehlo.custom_call @__gpu$xla.gpu.triton`
 whose `mhlo.backend_config` dictionary holds `name`, `num_warps`, `num_stages`, `grid_x/y/z` and `ir`: the Triton
@@ -112,6 +114,40 @@ def _triton_pipeline(path: str, num_warps: int, num_stages: int, res: dict) -> N
             res["ptx_lines"] = module.count("\n")
     res.update(stage="done", compiled=True, smem_bytes=metadata.get("shared"), triton_name=metadata.get("name"),
                cubin_bytes=len(module))
+    Path(path + ".cubin").write_bytes(module)
+    res.update(_sass_stats(path + ".cubin"))
+
+
+_SASS_INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_SASS_BRANCH = re.compile(r"\bBRA\s+(?:`\()?(0x[0-9a-f]+)")
+
+
+def _sass_stats(cubin: str) -> dict:
+    """From the cubin's SASS (cuobjdump -sass, next to ptxas): the instruction count and, for the innermost loop with
+    the most MUFU.EX2 (one per exp2), its instructions and ex2s. loop_instrs / loop_ex2 is what one thread issues per
+    exp: the SM issues 4 warp instructions a clock and 16 ex2 lanes a clock, so above 128 / 16 = 8 instructions per
+    ex2 the loop is bound by instruction issue, not by the exp unit."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    tool = Path(get_ptxas(CAPABILITY).path).with_name("cuobjdump")
+    out = subprocess.run([str(tool), "-sass", cubin], capture_output=True, text=True)
+    if out.returncode:
+        return {"sass_error": out.stderr.strip()[-200:]}
+    ops, index, branches = [], {}, []
+    for line in out.stdout.splitlines():
+        if m := _SASS_INSTR.match(line):
+            index[int(m.group(1), 16)] = len(ops)
+            ops.append(m.group(2))
+            if t := _SASS_BRANCH.search(m.group(2)):
+                branches.append((len(ops) - 1, int(t.group(1), 16)))
+    loops = [(index[t], i) for i, t in branches if t in index and index[t] <= i]  # backward branches
+    inner = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+    ex2 = lambda a, b: sum("MUFU.EX2" in op for op in ops[a:b + 1])
+    stats = {"sass_instrs": len(ops)}
+    if inner and max(ex2(a, b) for a, b in inner):
+        a, b = max(inner, key=lambda ab: (ex2(*ab), ab[1] - ab[0]))
+        stats.update(loop_instrs=b - a + 1, loop_ex2=ex2(a, b))
+    return stats
 
 
 def _ptxas_only(path: str, res: dict) -> None:
@@ -303,7 +339,7 @@ def triton_calls(text: str) -> list[dict]:
 # --- the cases -------------------------------------------------------------------------------------------------
 
 def _cases(quick: bool):
-    """(kernel, case string, blocks label, fn(*avals), avals, differentiable argnums) for each check."""
+    """(kernel, case string, blocks label, fn(*avals), avals, differentiable argnums: none = the forward only)."""
     import jax.numpy as jnp
 
     from benchmarks.gpu._common import case_str
@@ -330,9 +366,15 @@ def _cases(quick: bool):
         b, l, d = 2, 4096, 2048
         avals = [S((b, l, d), bf), S((b, l, d), bf), S((d, n), f32), S((b, l, n), bf), S((b, l, n), bf),
                  S((d,), f32), S((b, l, d), bf), S((d,), f32)]
-        f = lambda x, dt, A, B, C, D, z, dtb: sscan.selective_scan(x, dt, A, B, C, D, z=z, dt_bias=dtb)
-        out.append(("selective_scan", case_str("z D dt_bias", b=b, l=l, d=d, n=n, dtype=bf), "default", f, avals,
-                    tuple(range(8))))
+        case = case_str("z D dt_bias", b=b, l=l, d=d, n=n, dtype=bf)
+        # channels per program in the forward: wider blocks spread the per-step loads and reductions over more
+        # state elements (forward only: block_d does not change the backward)
+        widths = [] if quick else [16, 32] if n == 16 else [16]
+        for label, blocks, argnums in [("default", None, tuple(range(8)))] + [
+                (f"block_d={w}", sscan.BlockSizes(block_d=w), ()) for w in widths]:
+            def f(x, dt, A, B, C, D, z, dtb, blocks=blocks):
+                return sscan.selective_scan(x, dt, A, B, C, D, z=z, dt_bias=dtb, block_sizes=blocks)
+            out.append(("selective_scan", case, label, f, avals, argnums))
     for n in (64,) if quick else (64, 128):
         b, l, h, p, g = 2, 4096, 32, 64, 1
         avals = [S((b, l, h, p), bf), S((b, l, h), bf), S((h,), f32), S((b, l, g, n), bf), S((b, l, g, n), bf),
@@ -408,7 +450,7 @@ def _rows_for_case(kernel, case, label, fn, avals, argnums, compiler) -> list[di
     base = {"kernel": kernel, "case": case, "blocks": label}
     seen: dict[tuple, dict] = {}
     rows = []
-    for stage in ("fwd", "grad"):
+    for stage in ("fwd", "grad") if argnums else ("fwd",):
         t0 = time.perf_counter()
         try:
             calls = triton_calls(_lowered_text(fn, avals, argnums, stage == "grad"))
@@ -459,6 +501,13 @@ def _fmt_spills(row):
     return f"{row['spill_stores']}/{row['spill_loads']}"
 
 
+def _fmt_loop(row):
+    """The exp loop: its instructions / its ex2s = instructions one thread issues per exp2 (see _sass_stats)."""
+    if not row.get("loop_ex2"):
+        return None
+    return f"{row['loop_instrs']}/{row['loop_ex2']} = {row['loop_instrs'] / row['loop_ex2']:.1f}"
+
+
 def report(rows, meta_) -> str:
     """The table (also what benchmarks/report.py prints into BENCHMARKS.md)."""
     from benchmarks.harness import Table
@@ -467,7 +516,8 @@ def report(rows, meta_) -> str:
                   ("in", "lowered", None), ("triton kernel", "triton_kernel", None), ("grid", "grid", None),
                   ("warps", "num_warps", None), ("stages", "num_stages", None), ("regs", "registers", None),
                   ("spill st/ld B", _fmt_spills, None), ("stack B", "stack_bytes", None),
-                  ("smem B", "smem_bytes", None), ("compiled", "compiled", lambda v: "yes" if v else "NO"),
+                  ("smem B", "smem_bytes", None), ("exp loop instrs/ex2", _fmt_loop, None),
+                  ("compiled", "compiled", lambda v: "yes" if v else "NO"),
                   ("note", "note", None), ("error", "error", lambda v: v[:160])],
                  title=f"Triton kernels for sm_90a (triton {meta_.get('triton')}; {meta_.get('ptxas')})").render(rows)
 

@@ -114,6 +114,21 @@ def chip() -> Chip:
     return Chip(ASSUMED_CHIP, *CHIPS[ASSUMED_CHIP], True)
 
 
+def optional_rows(kernel: str, cases, timing, case_of, deadline: float | None) -> list[dict]:
+    """timing(*case) for each case, in order, until time.perf_counter() passes `deadline`; the cases left are rows
+    "skipped", and a case that raises is a row with the error (the others still run). case_of(*case): its label."""
+    rows = []
+    for case in cases:
+        if deadline is not None and time.perf_counter() > deadline:
+            rows.append(row(kernel, case_of(*case), "skipped", note="gpu_check time budget spent"))
+            continue
+        try:
+            rows.append(timing(*case))
+        except Exception as e:  # noqa: BLE001 - one failing row must not stop the script
+            rows.append(row(kernel, case_of(*case), "timing", note=failure(e)))
+    return rows
+
+
 def join_notes(*notes: str | None) -> str | None:
     """The non-empty notes joined with "; " (None when there are none)."""
     return "; ".join(n for n in notes if n) or None

@@ -18,14 +18,12 @@ backward does not recompute the chunk-start states).
 
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.gpu._common import (bf16_row, case_str, failure, fp32_row, join_notes, median_ms, rel_err, row,
-                                    scan_fwd_grads, segment_ids, vjp_ms)
+from benchmarks.gpu._common import (bf16_row, case_str, failure, fp32_row, join_notes, median_ms, optional_rows,
+                                    rel_err, row, scan_fwd_grads, segment_ids, vjp_ms)
 from pallas_kernels.ssd import BlockSizes
 from pallas_kernels.ssd import ssd as ssd_kernel
 from seqmix_jax.ops import ssd
@@ -130,20 +128,23 @@ def _timing(b, l, h, p, n, quick: bool, blocks: str = "") -> dict:
                gbps=None if fwd is None else floor_bytes / (fwd * 1e-3) / 1e9, target=target, note=join_notes(*note))
 
 
-def run(quick: bool = False, deadline: float | None = None) -> list[dict]:
-    """Correctness rows, then timing rows (bf16; D + dt_bias + softplus; xla path at its chunk 256): the defaults
-    first, then the VARIANTS rows, which are skipped once time.perf_counter() passes `deadline`."""
+def run(quick: bool = False) -> list[dict]:
+    """Correctness rows, then timing rows with the op's defaults (bf16; D + dt_bias + softplus; xla path at its
+    chunk 256)."""
     rows = _correctness(quick)
-    cases = [(1, 64, 4, 16, 16, "")] if quick else [(2, 4096, 32, 64, n, "") for n in (64, 128)]
-    if not quick:  # what recomputing the chunk-start states in the backward costs (the default) at Mamba-2's n
-        cases += [(2, 4096, 32, 64, n, blocks) for blocks in ("two-pass", "no-split") for n in (128, 64)]
-        cases.append((2, 4096, 32, 64, 128, "saved-states"))
-    for b, l, h, p, n, blocks in cases:
-        if blocks and deadline is not None and time.perf_counter() > deadline:
-            rows.append(row(KERNEL, _case(b, l, h, p, n, blocks), "skipped", note="gpu_check time budget spent"))
-            continue
+    cases = [(1, 64, 4, 16, 16)] if quick else [(2, 4096, 32, 64, n) for n in (64, 128)]
+    for b, l, h, p, n in cases:
         try:
-            rows.append(_timing(b, l, h, p, n, quick, blocks))
+            rows.append(_timing(b, l, h, p, n, quick))
         except Exception as e:  # noqa: BLE001
-            rows.append(row(KERNEL, _case(b, l, h, p, n, blocks), "timing", note=failure(e)))
+            rows.append(row(KERNEL, _case(b, l, h, p, n, ""), "timing", note=failure(e)))
     return rows
+
+
+def variants(quick: bool = False, deadline: float | None = None) -> list[dict]:
+    """The VARIANTS rows (gpu_check runs them after every part's defaults), skipped once time.perf_counter() passes
+    `deadline`; the saved-states row is what recomputing the chunk-start states (the default) costs."""
+    cases = [] if quick else [(2, 4096, 32, 64, n, False, blocks) for blocks in ("two-pass", "no-split")
+                              for n in (128, 64)] + [(2, 4096, 32, 64, 128, False, "saved-states")]
+    return optional_rows(KERNEL, cases, _timing, lambda b, l, h, p, n, _, blocks: _case(b, l, h, p, n, blocks),
+                         deadline)

@@ -55,18 +55,35 @@ def test_quick_run_does_not_overwrite_the_device_results(monkeypatch, tmp_path):
 
 
 def test_a_spent_budget_skips_the_optional_rows_but_not_the_defaults(monkeypatch):
-    """run_part hands the budget's deadline to a part that takes one; the SSD part then times its default rows and
-    reports its variant rows (two-pass, no-split, saved-states) as skipped."""
+    """run_part's "run" phase times the SSD part's default rows whatever the time; its "variants" phase (two-pass,
+    no-split, saved-states) reports all 5 rows as skipped once the deadline has passed, and times them before it."""
     import time
 
     from benchmarks.gpu import ssd as part
 
     timed = []
     monkeypatch.setattr(part, "_correctness", lambda quick: [])
-    monkeypatch.setattr(part, "_timing", lambda *a: timed.append(a[-1]) or {"case": a, "check": "timing"})
-    rows = gpu_check.run_part("ssd", quick=False, deadline=time.perf_counter() - 1.0)
-    assert timed == ["", ""]  # n = 64 and n = 128 with the op's defaults
-    skipped = [r["case"] for r in rows if r["check"] == "skipped"]
-    assert len(skipped) == 5 and all(c.split()[-1] in part.VARIANTS for c in skipped), skipped
-    rows = gpu_check.run_part("ssd", quick=False, deadline=None)
-    assert not [r for r in rows if r["check"] == "skipped"] and timed.count("") == 4 and len(timed) == 9
+    blocks = lambda b, l, h, p, n, quick, blocks="": blocks  # _timing's arguments -> its variant ("": defaults)
+    monkeypatch.setattr(part, "_timing", lambda *a: timed.append(blocks(*a)) or {"case": a, "check": "timing"})
+    assert len(gpu_check.run_part("ssd", quick=False)) == 2 and timed == ["", ""]  # n = 64 and 128, op defaults
+    timed.clear()
+    rows = gpu_check.run_part("ssd", quick=False, deadline=time.perf_counter() - 1.0, phase="variants")
+    assert not timed and len(rows) == 5 and all(r["check"] == "skipped" and r["case"].split()[-1] in part.VARIANTS
+                                                for r in rows), rows
+    rows = gpu_check.run_part("ssd", quick=False, deadline=None, phase="variants")
+    assert len(rows) == len(timed) == 5 and set(timed) == set(part.VARIANTS), timed
+    assert gpu_check.run_part("causal_conv1d", quick=False, phase="variants") == []  # a part without variants
+
+
+def test_variants_run_after_every_part_s_defaults(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_import(name):
+        kernel = name.rsplit(".", 1)[1]
+        run = lambda quick: calls.append((kernel, "run")) or []
+        variants = lambda quick, deadline: calls.append((kernel, "variants")) or []
+        return types.SimpleNamespace(run=run, variants=variants)
+
+    monkeypatch.setattr(gpu_check.importlib, "import_module", fake_import)
+    assert gpu_check.main(["--quick", "--only", "ssd,selective_scan", "--out", str(tmp_path / "r.json")]) == 0
+    assert calls == [("ssd", "run"), ("selective_scan", "run"), ("ssd", "variants"), ("selective_scan", "variants")]
