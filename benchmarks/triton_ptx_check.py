@@ -123,10 +123,11 @@ _SASS_BRANCH = re.compile(r"\bBRA\s+(?:`\()?(0x[0-9a-f]+)")
 
 
 def _sass_stats(cubin: str) -> dict:
-    """From the cubin's SASS (cuobjdump -sass, next to ptxas): the instruction count and, for the innermost loop with
-    the most MUFU.EX2 (one per exp2), its instructions and ex2s. loop_instrs / loop_ex2 is what one thread issues per
-    exp: the SM issues 4 warp instructions a clock and 16 ex2 lanes a clock, so above 128 / 16 = 8 instructions per
-    ex2 the loop is bound by instruction issue, not by the exp unit."""
+    """From the cubin's SASS (cuobjdump -sass, next to ptxas): the instruction count, and for the innermost loop with
+    the most MUFU.EX2 (one per exp2; of equals, the shortest: attention's key blocks without the element mask), its
+    instructions and ex2s along the path that takes its forward branches (a lazy rescale left out). loop_instrs /
+    loop_ex2 is what one thread issues per exp: the SM issues 4 warp instructions a clock and 16 ex2 lanes a clock,
+    so above 128 / 16 = 8 instructions per ex2 the loop is bound by instruction issue, not by the exp unit."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     tool = Path(get_ptxas(CAPABILITY).path).with_name("cuobjdump")
@@ -140,13 +141,20 @@ def _sass_stats(cubin: str) -> dict:
             ops.append(m.group(2))
             if t := _SASS_BRANCH.search(m.group(2)):
                 branches.append((len(ops) - 1, int(t.group(1), 16)))
-    loops = [(index[t], i) for i, t in branches if t in index and index[t] <= i]  # backward branches
+    jumps = [(i, index[t]) for i, t in branches if t in index]
+    loops = [(t, i) for i, t in jumps if t <= i]  # backward branches
     inner = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
-    ex2 = lambda a, b: sum("MUFU.EX2" in op for op in ops[a:b + 1])
+
+    def path(a, b):  # the loop's instructions minus those its forward branches jump over
+        skipped = {k for i, t in jumps if a <= i < t <= b for k in range(i + 1, t)}
+        return [op for k, op in enumerate(ops[a:b + 1], a) if k not in skipped]
+
     stats = {"sass_instrs": len(ops)}
-    if inner and max(ex2(a, b) for a, b in inner):
-        a, b = max(inner, key=lambda ab: (ex2(*ab), ab[1] - ab[0]))
-        stats.update(loop_instrs=b - a + 1, loop_ex2=ex2(a, b))
+    paths = [p for p in (path(a, b) for a, b in inner) if any("MUFU.EX2" in op for op in p)]
+    if paths:
+        ex2 = lambda p: sum("MUFU.EX2" in op for op in p)
+        best = min(paths, key=lambda p: (-ex2(p), len(p)))
+        stats.update(loop_instrs=len(best), loop_ex2=ex2(best))
     return stats
 
 

@@ -9,7 +9,10 @@ key blocks K_j, V_j its causal / window range reaches, keeping per row (FA-2 Alg
     m_i   running maximum of the scores (base 2: s * log2 e, so exp2 replaces exp),
     l_i   running sum of exp2(s - m_i),
     acc   running sum of exp2(s - m_i) V_j (float32, B_r x kp),
-then writes O_i = acc / l_i and L_i = m_i + log2(l_i) (the base-2 log-sum-exp, saved for the backward).
+then writes O_i = acc / l_i and L_i = m_i + log2(l_i) (the base-2 log-sum-exp, saved for the backward). m_i is a
+reference, not always the maximum (FlashAttention-4's lazy rescaling): it moves only where a block's row maximum
+exceeds it by more than RESCALE_AT, so p <= 2^RESCALE_AT and most key blocks skip rescaling acc and l (a warp-uniform
+branch). Without a soft-cap the scores are scaled inside p = exp2(x * scale log2 e - m_i), one FFMA per score.
 Key blocks every row sees entirely run without the element mask; only the boundary blocks build it.
 Query blocks are scheduled last-first: under a causal mask they are the longest, so the tail of the launch is
 short blocks.
@@ -42,6 +45,7 @@ _NT = (((1,), (1,)), ((), ()))  # a @ b^T
 _NN = (((1,), (0,)), ((), ()))  # a @ b
 _TN = (((0,), (0,)), ((), ()))  # a^T @ b
 Q_SEG_PAD, KV_SEG_PAD = -1, -2  # padding ids (padding keys are masked by index too)
+RESCALE_AT = 8.0  # forward: rescale the running sums only when a row's maximum grows by more than this (base 2)
 
 
 # --- layout -----------------------------------------------------------------------------------------------------
@@ -142,20 +146,33 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: Config, bq: int, bk: int):
     rows = qi * bq + jnp.arange(bq)
     q_seg = None if qs_ref is None else qs_ref[...][:, None]
 
+    # Without a soft-cap, the scores stay unscaled until p = exp2(x * scale log2 e - m), one FFMA per score, and the
+    # row maximum is taken before scaling (scale > 0 keeps the order).
+    unscaled = cfg.softcap is None and cfg.scale > 0
+    c2 = cfg.scale * LOG2E
+
     def body(j, carry, masked):
         m, l, acc = carry
         start = pl.multiple_of(j * bk, bk)
-        s2, _ = _scores2(cfg, _dot(q, k_ref[pl.ds(start, bk), :], _NT, prec))  # (B_r, B_c)
+        x = _dot(q, k_ref[pl.ds(start, bk), :], _NT, prec)  # (B_r, B_c)
+        s2 = x if unscaled else _scores2(cfg, x)[0]
         if masked:
             kv_seg = None if ks_ref is None else ks_ref[pl.ds(start, bk)][None, :]
             mask = element_mask(cfg, rows[:, None], (start + jnp.arange(bk))[None, :], q_seg, kv_seg)
             s2 = jnp.where(mask, s2, -jnp.inf)  # exp2(-inf - finite m) = 0
-        m_new = jnp.maximum(m, jnp.max(s2, axis=1))
-        alpha = jnp.exp2(m - m_new)  # rescales the old sums to the new maximum
-        p = jnp.exp2(s2 - m_new[:, None])
+        row_max = jnp.max(s2, axis=1) * c2 if unscaled else jnp.max(s2, axis=1)
+        # Lazy rescaling (FlashAttention-4): the reference maximum m moves only where a row's maximum exceeds it by
+        # more than RESCALE_AT, so p <= 2^RESCALE_AT, and most blocks skip rescaling the accumulator.
+        m_new = jnp.where(row_max > m + RESCALE_AT, row_max, m)
+        p = jnp.exp2((s2 * c2 if unscaled else s2) - m_new[:, None])
+
+        def rescale(acc_l):
+            alpha = jnp.exp2(m - m_new)  # 1 where m did not move
+            return acc_l[0] * alpha[:, None], acc_l[1] * alpha
+
+        acc, l = lax.cond(jnp.max(m_new - m) > 0, rescale, lambda acc_l: acc_l, (acc, l))  # m_new >= m
         v = v_ref[pl.ds(start, bk), :]
-        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, _NN, prec)
-        return m_new, l * alpha + jnp.sum(p, axis=1), acc
+        return m_new, l + jnp.sum(p, axis=1), acc + _dot(p.astype(v.dtype), v, _NN, prec)
 
     init = (jnp.full((bq,), NEG_INF, jnp.float32), jnp.zeros((bq,), jnp.float32),
             jnp.zeros((bq, cfg.kp), jnp.float32))

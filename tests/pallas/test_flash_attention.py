@@ -78,6 +78,34 @@ def test_gpu_variant_matches_reference(rng, case):
     _compare(rng, *spec["shape"], dict(block_sizes=SMALL, variant="gpu"), spec["op_kw"])
 
 
+def test_gpu_forward_lazy_rescaling_both_ways(rng):
+    """The forward moves its reference maximum only when a row's maximum grows by more than RESCALE_AT (base 2).
+    Keys scaled by a ramp make the row maxima grow slowly over the first key blocks (p > 1 against a stale maximum)
+    and fast over the last ones (the accumulator is rescaled); both happen, checked on the scores first."""
+    from pallas_kernels.flash_attention._gpu import RESCALE_AT
+
+    b, l, s, h, k = 1, 33, 97, 2, 64
+    q, kk, v = _qkv(rng, b, l, s, h, h, k)
+    kk = kk * jnp.asarray(1.0 + 0.004 * np.arange(s) ** 2, jnp.float32)[None, :, None, None]
+    scores = np.einsum("blhk,bshk->bhls", np.asarray(q), np.asarray(kk)) * (k ** -0.5) * np.log2(np.e)
+    nk = s // SMALL.block_k  # the 6 whole key blocks (the 97th key is left out of this count)
+    block_max = scores[..., :nk * SMALL.block_k].reshape(b, h, l, nk, SMALL.block_k).max(-1)
+    m, slow, fast = np.full(block_max.shape[:3], -np.inf), 0, 0
+    for j in range(block_max.shape[-1]):
+        grow = block_max[..., j] - m
+        slow += int(np.sum((grow > 0) & (grow <= RESCALE_AT))) if j else 0
+        fast += int(np.sum(grow > RESCALE_AT)) if j else 0
+        m = np.where(grow > RESCALE_AT, block_max[..., j], m)
+    print(f"row maxima growing by (0, {RESCALE_AT}]: {slow}, by more (rescaled): {fast}")
+    assert slow > 0 and fast > 0
+    ct = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    ours = _forward_and_grads(lambda *a: flash_attention(*a, causal=False, block_sizes=SMALL, variant="gpu"),
+                              q, kk, v, ct)
+    ref = _forward_and_grads(lambda *a: attention(*a, causal=False, impl="reference"), q, kk, v, ct)
+    for name, a, r, tol in zip(("out", "dq", "dk", "dv"), ours, ref, (1e-5, 1e-4, 1e-4, 1e-4)):
+        assert_close(name, a, r, tol)
+
+
 def test_gpu_segments_pair_noncausal_and_a_row_without_keys_fused_backward(rng):
     """Packed segments as a (q ids, kv ids) pair, l=33 != s=97, non-causal, head dim 128, GQA g=3, with the
     fused backward (dQ by atomic adds); query 5 of row 1 has an id no key has: its output and dq are exactly 0."""
