@@ -10,7 +10,7 @@ say "gpu" so the entries pick the compiled Triton path, as tests/pallas/test_low
 kernel out of the lowered module and compiles it with the pip `triton` package to PTX and a cubin for sm_90a. One
 row per Triton kernel: its launch parameters, ptxas's registers per thread, spill stores / loads and stack frame,
 Triton's shared memory, whether it compiled (or the error), and for kernels with exp2 in a loop the instructions
-per exp2 of the innermost such loop in the SASS (cuobjdump -sass; see `_sass_stats`: above 8 the loop is bound by
+per exp2 of the innermost such loop in the SASS (cuobjdump -sass; see `sass_stats`: above 8 the loop is bound by
 instruction issue rather than by the exp unit). Block sizes are the entries' defaults (what the ops use: they pass
 none); attention also runs with BlockSizes(fused_bwd=True, ds_in_input_dtype=True), SSD at n = 128 with
 BlockSizes(two_pass=True), and the selective scan's forward with wider channel blocks (block_d 16; 32 at n = 16).
@@ -123,19 +123,22 @@ _SASS_BRANCH = re.compile(r"\bBRA\s+(?:`\()?(0x[0-9a-f]+)")
 
 
 def _sass_stats(cubin: str) -> dict:
-    """From the cubin's SASS (cuobjdump -sass, next to ptxas): the instruction count, and for the innermost loop with
-    the most MUFU.EX2 (one per exp2; of equals, the shortest: attention's key blocks without the element mask), its
-    instructions and ex2s along the path that takes its forward branches (a lazy rescale left out). loop_instrs /
-    loop_ex2 is what one thread issues per exp: the SM issues 4 warp instructions a clock and 16 ex2 lanes a clock,
-    so above 128 / 16 = 8 instructions per ex2 the loop is bound by instruction issue, not by the exp unit."""
+    """The cubin's SASS (cuobjdump -sass, next to ptxas) through `sass_stats`."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     tool = Path(get_ptxas(CAPABILITY).path).with_name("cuobjdump")
     out = subprocess.run([str(tool), "-sass", cubin], capture_output=True, text=True)
-    if out.returncode:
-        return {"sass_error": out.stderr.strip()[-200:]}
+    return sass_stats(out.stdout) if out.returncode == 0 else {"sass_error": out.stderr.strip()[-200:]}
+
+
+def sass_stats(sass: str) -> dict:
+    """The instruction count of a SASS listing, and for the innermost loop with the most MUFU.EX2 (one per exp2; of
+    equals, the shortest: attention's key blocks without the element mask) its instructions and ex2s along the path
+    that takes its forward branches (a lazy rescale left out). loop_instrs / loop_ex2 is what one thread issues per
+    exp: the SM issues 4 warp instructions a clock and 16 ex2 lanes a clock, so above 128 / 16 = 8 instructions per
+    ex2 the loop is bound by instruction issue, not by the exp unit."""
     ops, index, branches = [], {}, []
-    for line in out.stdout.splitlines():
+    for line in sass.splitlines():
         if m := _SASS_INSTR.match(line):
             index[int(m.group(1), 16)] = len(ops)
             ops.append(m.group(2))
@@ -375,8 +378,8 @@ def _cases(quick: bool):
         avals = [S((b, l, d), bf), S((b, l, d), bf), S((d, n), f32), S((b, l, n), bf), S((b, l, n), bf),
                  S((d,), f32), S((b, l, d), bf), S((d,), f32)]
         case = case_str("z D dt_bias", b=b, l=l, d=d, n=n, dtype=bf)
-        # channels per program in the forward: wider blocks spread the per-step loads and reductions over more
-        # state elements (forward only: block_d does not change the backward)
+        # channels per program in the forward, to see whether wider blocks spread the per-step loads and reductions
+        # over more state elements (forward only: block_d does not change the backward)
         widths = [] if quick else [16, 32] if n == 16 else [16]
         for label, blocks, argnums in [("default", None, tuple(range(8)))] + [
                 (f"block_d={w}", sscan.BlockSizes(block_d=w), ()) for w in widths]:
@@ -510,7 +513,7 @@ def _fmt_spills(row):
 
 
 def _fmt_loop(row):
-    """The exp loop: its instructions / its ex2s = instructions one thread issues per exp2 (see _sass_stats)."""
+    """The exp loop: its instructions / its ex2s = instructions one thread issues per exp2 (see sass_stats)."""
     if not row.get("loop_ex2"):
         return None
     return f"{row['loop_instrs']}/{row['loop_ex2']} = {row['loop_instrs'] / row['loop_ex2']:.1f}"
