@@ -50,7 +50,11 @@ def _segments(rng, b, n, ids):
 
 
 def _compare(rng, b, l, s, h, g, k, kernel_kw, op_kw):
-    q, kk, v = _qkv(rng, b, l, s, h, g, k)
+    return _compare_on(rng, *_qkv(rng, b, l, s, h, g, k), kernel_kw, op_kw)
+
+
+def _compare_on(rng, q, kk, v, kernel_kw, op_kw):
+    """Kernel vs the op's reference path on these inputs: output and every gradient (1e-5 / 1e-4)."""
     ct = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
     ours = _forward_and_grads(lambda *a: flash_attention(*a, **kernel_kw, **op_kw), q, kk, v, ct)
     ref = _forward_and_grads(lambda *a: attention(*a, impl="reference", **op_kw), q, kk, v, ct)
@@ -98,12 +102,7 @@ def test_gpu_forward_lazy_rescaling_both_ways(rng):
         m = np.where(grow > RESCALE_AT, block_max[..., j], m)
     print(f"row maxima growing by (0, {RESCALE_AT}]: {slow}, by more (rescaled): {fast}")
     assert slow > 0 and fast > 0
-    ct = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
-    ours = _forward_and_grads(lambda *a: flash_attention(*a, causal=False, block_sizes=SMALL, variant="gpu"),
-                              q, kk, v, ct)
-    ref = _forward_and_grads(lambda *a: attention(*a, causal=False, impl="reference"), q, kk, v, ct)
-    for name, a, r, tol in zip(("out", "dq", "dk", "dv"), ours, ref, (1e-5, 1e-4, 1e-4, 1e-4)):
-        assert_close(name, a, r, tol)
+    _compare_on(rng, q, kk, v, dict(block_sizes=SMALL, variant="gpu"), dict(causal=False))
 
 
 def test_gpu_segments_pair_noncausal_and_a_row_without_keys_fused_backward(rng):
