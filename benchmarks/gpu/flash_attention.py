@@ -8,7 +8,7 @@ FLOPs (causal halves them): forward 4 * b * h * l^2 * k (two matmuls, 2 FLOPs pe
 2.5x the forward's (five matmuls); TFLOP/s = FLOPs / time. Issue targets (H100/H200, bf16, head dim 128, causal,
 l = 4k-16k): forward >= 60% of cuDNN's throughput, backward <= 3x the forward's time.
 
-Besides the default backward (separate dK/dV and dQ kernels, dS kept float32 -> TF32 dots), the rows tagged
+Besides the default backward (separate dK/dV and dQ kernels, dS as two bf16 terms -> bf16 dots), the rows tagged
 "bwd-..." time the BlockSizes options at l = 8192 (fused: dQ by atomic adds, 5 matmuls per tile instead of 7;
 ds16: dS rounded to bf16 for the dQ / dK dots), with their bf16 error checked at l = 999, so the defaults can be
 chosen from one run.

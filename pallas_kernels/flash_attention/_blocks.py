@@ -126,3 +126,51 @@ def element_mask(cfg: Config, rows, cols, q_seg=None, kv_seg=None):
     for part in parts[1:]:
         mask = mask & part
     return mask
+
+
+def ds_dot(dot, ds, x, acc=None, *, round_to_input: bool = False):
+    """acc + the product of the float32 dS tile and x, a query or key tile in the input dtype, for dK = dS^T Q and
+    dQ = dS K; `dot(a, b)` is the variant's float32-accumulated dot in the layout the caller needs.
+
+    dS sums to ~0 along a row, so dQ and dK are small differences, and rounding dS to bf16 for a 16-bit dot
+    (FlashAttention-2's choice; `round_to_input`) loses more of them than the rest of the backward does. Without it:
+    - bf16 inputs: dS = hi + lo, two bf16 dots. hi is dS with its float32 significand cut to bf16's 8 bits by a mask
+      (exact in bf16), lo = dS - hi (exact in float32) rounded to bf16, so dS keeps 16 significant bits where TF32
+      keeps 11, and each product with the bf16 tile is exact: on the tensor cores / MXU the sum is a float32 dot
+      up to 2^-16 of dS, the same as in interpret mode. Two bf16 passes cost one TF32 pass of the GPU's tensor
+      cores and a third of the passes a HIGHEST float32 dot takes on the MXU, and x is never upcast.
+    - float32 inputs: one float32 dot. float16 inputs: dS in float32 and x upcast (TF32 on the GPU), because
+      float16's exponent range would flush the small entries of hi and lo.
+    Terms are added to acc one at a time, so Triton folds each into its dot's accumulator."""
+    if round_to_input:
+        terms = [(ds.astype(x.dtype), x)]
+    elif x.dtype == jnp.bfloat16:
+        hi = jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(ds, jnp.uint32) & jnp.uint32(0xFFFF0000),
+                                          jnp.float32)
+        terms = [(hi.astype(x.dtype), x), ((ds - hi).astype(x.dtype), x)]
+    else:
+        terms = [(ds, x.astype(jnp.float32))]
+    for a, b in terms:
+        acc = dot(a, b) if acc is None else acc + dot(a, b)
+    return acc
+
+
+def store_output(o, o_ref, lo_ref=None):
+    """Write the float32 output tile o in o_ref's dtype and, when lo_ref is given, what that rounding lost (o minus
+    the rounded tile, itself rounded) into lo_ref: with it the backward's D = rowsum(dO * O) sees 16 significant bits
+    of O instead of bf16's 8, which is what keeps dQ and dK at the xla path's error (see `delta`)."""
+    out = o.astype(o_ref.dtype)
+    o_ref[...] = out
+    if lo_ref is not None:
+        lo_ref[...] = (o - out.astype(jnp.float32)).astype(lo_ref.dtype)
+
+
+def delta(subscripts: str, do, out, out_lo):
+    """FlashAttention-2's D = rowsum(dO * O) in float32 (one XLA reduction), O = out + out_lo when the forward kept
+    the output's rounding error. dS = P * (dP - D) sums to ~0 along a row only as far as D equals sum_j P_ij dP_ij;
+    with D from the bf16 output, a key component shared by all keys (c in k_j = c + e_j) no longer cancels in
+    dQ = dS K, and in tests dQ's error grew to 1.3-2.3x the xla path's (which keeps a float32 output)."""
+    o = out.astype(jnp.float32)
+    if out_lo is not None:
+        o = o + out_lo.astype(jnp.float32)
+    return jnp.einsum(subscripts, do.astype(jnp.float32), o)

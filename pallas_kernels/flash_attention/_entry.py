@@ -41,9 +41,11 @@ class BlockSizes:
     fused_bwd: one kernel computes dK, dV and adds each dQ tile into a float32 buffer with atomic adds
       (FA-2's schedule: 5 matmuls per tile instead of 7, dQ summed in a non-deterministic order);
       False: a separate dQ kernel recomputes S and dP (deterministic).
-    ds_in_input_dtype: round dS to the input dtype for dQ = dS K and dK = dS^T Q (16-bit tensor-core dots);
-      False keeps dS float32 (TF32 dots), which keeps the bf16 gradient error near the xla path's (rounding
-      dS measured up to ~2.2x its error)."""
+    ds_in_input_dtype: round dS to the input dtype for dQ = dS K and dK = dS^T Q (one 16-bit dot each,
+      FlashAttention-2's choice; measured up to ~2.2x the xla path's bf16 gradient error, and more where all keys
+      share a component). False (the default) keeps 16 bits of dS: with bf16 inputs two bf16 dots (dS split in
+      hi + lo, `_blocks.ds_dot`), with float16 a float32 dS (TF32 dots); the gradients then carry the xla
+      path's error."""
     block_q: int | None = None
     block_k: int | None = None
     block_q_dkv: int | None = None
@@ -219,15 +221,17 @@ def _flash(cfg, q, k, v, q_seg, kv_seg):
 
 
 def _flash_fwd(cfg, q, k, v, q_seg, kv_seg):
+    """Residuals: the inputs, the output, its rounding error for 16-bit inputs (`_blocks.store_output`; one more
+    array of the output's size) and the log-sum-exp."""
     impl = _gpu if cfg.variant == "gpu" else _tpu
-    out, lse = impl.forward(cfg, q, k, v, q_seg, kv_seg)
-    return out, (q, k, v, q_seg, kv_seg, out, lse)
+    out, lse, *lo = impl.forward(cfg, q, k, v, q_seg, kv_seg, with_lo=q.dtype != jnp.float32)
+    return out, (q, k, v, q_seg, kv_seg, out, lo[0] if lo else None, lse)
 
 
 def _flash_bwd(cfg, res, do):
-    q, k, v, q_seg, kv_seg, out, lse = res
+    q, k, v, q_seg, kv_seg, out, out_lo, lse = res
     impl = _gpu if cfg.variant == "gpu" else _tpu
-    dq, dk, dv = impl.backward(cfg, q, k, v, q_seg, kv_seg, out, lse, do)
+    dq, dk, dv = impl.backward(cfg, q, k, v, q_seg, kv_seg, out, out_lo, lse, do)
     return dq, dk, dv, None, None
 
 

@@ -19,8 +19,11 @@ short blocks.
 
 Backward (FA-2 Algorithm 2 split in two kernels, p recomputed from L):
     P = exp2(S - L),  dV = P^T dO,  dP = dO V^T,  dS = P * (dP - D),  dK = scale * dS^T Q,  dQ = scale * dS K
-with D = rowsum(dO * O) from XLA. dK/dV: grid (s_pad / B_c, b * g); a program owns K_j, V_j of one kv head
-and loops over the r = h / g query heads of its group and their query blocks, so GQA needs no partial sums.
+with D = rowsum(dO * O) from XLA; for 16-bit inputs the forward also writes O's rounding error, and D sums
+dO * (O + that) (`_blocks.delta`), so dS's rows sum to ~0 as they do in float32. With bf16 inputs dQ and dK take
+dS as two bf16 terms (`_blocks.ds_dot`): every dot is a bf16 tensor-core dot and no Q or K tile is upcast.
+dK/dV: grid (s_pad / B_c, b * g); a program owns K_j, V_j of one kv head and loops over the r = h / g query heads
+of its group and their query blocks, so GQA needs no partial sums.
 dQ: grid (l_pad / B_r, b * h), looping over key blocks like the forward. The dK/dV kernel works with the
 transposed score tile S^T = K Q^T so that no tile is transposed in registers.
 BlockSizes(fused_bwd=True) drops the dQ kernel: the dK/dV kernel also forms dS K_j per tile and atomically adds
@@ -38,8 +41,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from pallas_kernels import _common as c
-from pallas_kernels.flash_attention._blocks import LOG2E, NEG_INF, Config, _div, element_mask, key_blocks, \
-    query_blocks
+from pallas_kernels.flash_attention._blocks import LOG2E, NEG_INF, Config, _div, ds_dot, element_mask, \
+    key_blocks, query_blocks, store_output
+from pallas_kernels.flash_attention._blocks import delta as row_delta
 
 _NT = (((1,), (1,)), ((), ()))  # a @ b^T
 _NN = (((1,), (0,)), ((), ()))  # a @ b
@@ -65,14 +69,14 @@ def from_layout(cfg: Config, out, shape):
 
 
 def _precision(dtype):
-    # float32 inputs: IEEE float32 dots (Triton's default would be TF32); 16-bit inputs: tensor-core dots
+    # float32 inputs: IEEE float32 dots (Triton's default would be TF32); 16-bit inputs: tensor-core dots (a float32
+    # operand, which only float16 inputs' dS x K / dS^T x Q have, then runs in TF32)
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
 def _dot(a, b, dims, precision):
-    """Float32-accumulated dot. dS (which sums to ~0 along a row) is not rounded to bf16 for dQ = dS K and
-    dK = dS^T Q: that doubled their error against the float32 reference in tests (the op's xla path keeps dS in
-    float32 too). With 16-bit inputs those two dots therefore run in TF32 on the GPU, the other five in bf16/f16."""
+    """Float32-accumulated dot; dQ = dS K and dK = dS^T Q go through `_blocks.ds_dot` (bf16 inputs: dS split in
+    two bf16 terms, so every dot of the backward runs on bf16 tensor cores)."""
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
@@ -137,9 +141,9 @@ def _query_major_specs(cfg, bq):
 
 # --- forward ----------------------------------------------------------------------------------------------------
 
-def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: Config, bq: int, bk: int):
+def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: Config, bq: int, bk: int, with_lo: bool):
     qs_ref, ks_ref = refs[:2] if cfg.has_segments else (None, None)
-    o_ref, lse_ref = refs[-2:]
+    o_ref, lse_ref, lo_ref = refs[-3:] if with_lo else (*refs[-2:], None)
     qi = cfg.l_pad // bq - 1 - pl.program_id(0)  # last block first
     q = q_ref[...]  # Q_i (B_r, kp), stays in registers
     prec = _precision(q.dtype)
@@ -180,35 +184,35 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: Config, bq: int, bk: int):
     m, l, acc = _loop(*key_blocks(cfg, qi, bq, bk), body, init, head=head, tail=tail)
     empty = l == 0.0  # no visible key: output 0
     l_safe = jnp.where(empty, 1.0, l)
-    o_ref[...] = (acc * (1.0 / l_safe)[:, None]).astype(o_ref.dtype)
+    store_output(acc * (1.0 / l_safe)[:, None], o_ref, lo_ref)
     lse_ref[...] = jnp.where(empty, 0.0, m + jnp.log2(l_safe))
 
 
-def forward(cfg: Config, q, k, v, q_seg, kv_seg):
-    """(out (b, l_pad, h, kp) in q.dtype, lse2 (b, h, l_pad) float32 base-2 log-sum-exp)."""
+def forward(cfg: Config, q, k, v, q_seg, kv_seg, with_lo: bool = False):
+    """(out (b, l_pad, h, kp) in q.dtype, lse2 (b, h, l_pad) float32 base-2 log-sum-exp), and with with_lo the
+    output's rounding error (`store_output`) as a third array."""
     b, h = q.shape[0], cfg.h
     bq, bk = _blocks(cfg)["fwd"]
     q_spec, kv_spec, stat_spec, seg_specs = _query_major_specs(cfg, bq)
     in_specs = [q_spec, kv_spec, kv_spec, *seg_specs]
     args = [q, k, v] + ([q_seg, kv_seg] if cfg.has_segments else [])
-    out_specs = [q_spec, stat_spec]  # O_i, L_i
+    out_specs = [q_spec, stat_spec] + [q_spec] * with_lo  # O_i, L_i (, the rounding error of O_i)
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, cfg.l_pad), jnp.float32)]
-    kernel = functools.partial(_fwd_kernel, cfg=cfg, bq=bq, bk=bk)
-    out, lse = _call(cfg, kernel, "flash_attention_fwd", (cfg.l_pad // bq, b * h), in_specs, out_specs, out_shape,
-                     _blocks(cfg)["fwd_params"])(*args)
-    return out, lse
+    out_shape += [jax.ShapeDtypeStruct(q.shape, q.dtype)] * with_lo
+    kernel = functools.partial(_fwd_kernel, cfg=cfg, bq=bq, bk=bk, with_lo=with_lo)
+    return tuple(_call(cfg, kernel, "flash_attention_fwd", (cfg.l_pad // bq, b * h), in_specs, out_specs, out_shape,
+                       _blocks(cfg)["fwd_params"])(*args))
 
 
 # --- backward: dK, dV -------------------------------------------------------------------------------------------
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: Config, bq: int, bk: int,
-                fused: bool, ds_dtype):
+                fused: bool, ds_16: bool):
     qs_ref, ks_ref = refs[:2] if cfg.has_segments else (None, None)
     dk_ref, dv_ref, dq_ref = refs[-3:] if fused else (*refs[-2:], None)  # dq_ref: the float32 dQ buffer
     j = pl.program_id(0)
     k, v = k_ref[...], v_ref[...]  # K_j, V_j (B_c, kp)
     prec = _precision(k.dtype)
-    k_ds = k.astype(ds_dtype)
     cols = j * bk + jnp.arange(bk)
     kv_seg = None if ks_ref is None else ks_ref[...][:, None]
     lo, hi, a, b = query_blocks(cfg, j, bq, bk)
@@ -231,10 +235,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: Con
             dst = pt * (dpt - delta_ref[hr, pl.ds(start, bq)][None, :])
             if t is not None:
                 dst = dst * (1.0 - t * t)  # d(c tanh(x / c)) / dx
-            dst = dst.astype(ds_dtype)  # see _dot on keeping dS float32
             if dq_ref is not None:  # dQ_i += dS K_j, scaled in XLA
-                pltr.atomic_add(dq_ref, (pl.ds(start, bq), hr, slice(None)), _dot(dst, k_ds, _TN, prec))
-            return dk + _dot(dst, q.astype(ds_dtype), _NN, prec), dv
+                dq = ds_dot(lambda a, b: _dot(a, b, _TN, prec), dst, k, round_to_input=ds_16)
+                pltr.atomic_add(dq_ref, (pl.ds(start, bq), hr, slice(None)), dq)
+            return ds_dot(lambda a, b: _dot(a, b, _NN, prec), dst, q, dk, round_to_input=ds_16), dv
 
         return _loop(lo, hi, a, b, body, carry, head=head, tail=tail)
 
@@ -244,7 +248,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: Con
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _backward_dkv(cfg, q, k, v, q_seg, kv_seg, lse, delta, do, ds_dtype):
+def _backward_dkv(cfg, q, k, v, q_seg, kv_seg, lse, delta, do, ds_16):
     """(dk, dv), and with fused_bwd the unscaled float32 dQ = sum_j dS K_j as a third output."""
     b = q.shape[0]
     g, r, kp = cfg.g, cfg.r, cfg.kp
@@ -269,14 +273,14 @@ def _backward_dkv(cfg, q, k, v, q_seg, kv_seg, lse, delta, do, ds_dtype):
         out_specs.append(group_spec)
         out_shape.append(jax.ShapeDtypeStruct(q.shape, jnp.float32))
         aliases = {len(args) - 1: 2}
-    kernel = functools.partial(_dkv_kernel, cfg=cfg, bq=bq, bk=bk, fused=fused, ds_dtype=ds_dtype)
+    kernel = functools.partial(_dkv_kernel, cfg=cfg, bq=bq, bk=bk, fused=fused, ds_16=ds_16)
     return _call(cfg, kernel, "flash_attention_bwd" if fused else "flash_attention_dkv", (cfg.s_pad // bk, b * g),
                  in_specs, out_specs, out_shape, _blocks(cfg)["bwd_params"], aliases)(*args)
 
 
 # --- backward: dQ -----------------------------------------------------------------------------------------------
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: Config, bq: int, bk: int, ds_dtype):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: Config, bq: int, bk: int, ds_16: bool):
     qs_ref, ks_ref = refs[:2] if cfg.has_segments else (None, None)
     dq_ref = refs[-1]
     i = cfg.l_pad // bq - 1 - pl.program_id(0)
@@ -297,31 +301,31 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: Conf
         ds = p * (_dot(do, v_ref[pl.ds(start, bk), :], _NT, prec) - delta)
         if t is not None:
             ds = ds * (1.0 - t * t)
-        return dq + _dot(ds.astype(ds_dtype), k.astype(ds_dtype), _NN, prec)
+        return ds_dot(lambda a, b: _dot(a, b, _NN, prec), ds, k, dq, round_to_input=ds_16)
 
     head, tail = _key_loop_parts(cfg)
     dq = _loop(*key_blocks(cfg, i, bq, bk), body, jnp.zeros((bq, cfg.kp), jnp.float32), head=head, tail=tail)
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
-def _backward_dq(cfg, q, k, v, q_seg, kv_seg, lse, delta, do, ds_dtype):
+def _backward_dq(cfg, q, k, v, q_seg, kv_seg, lse, delta, do, ds_16):
     b, h = q.shape[0], cfg.h
     bq, bk = _blocks(cfg)["dq"]
     q_spec, kv_spec, stat_spec, seg_specs = _query_major_specs(cfg, bq)
     in_specs = [q_spec, kv_spec, kv_spec, q_spec, stat_spec, stat_spec, *seg_specs]
     args = [q, k, v, do, lse, delta] + ([q_seg, kv_seg] if cfg.has_segments else [])
-    kernel = functools.partial(_dq_kernel, cfg=cfg, bq=bq, bk=bk, ds_dtype=ds_dtype)
+    kernel = functools.partial(_dq_kernel, cfg=cfg, bq=bq, bk=bk, ds_16=ds_16)
     return _call(cfg, kernel, "flash_attention_dq", (cfg.l_pad // bq, b * h), in_specs, q_spec,
                  jax.ShapeDtypeStruct(q.shape, q.dtype), _blocks(cfg)["bwd_params"])(*args)
 
 
-def backward(cfg: Config, q, k, v, q_seg, kv_seg, out, lse, do):
-    """(dq, dk, dv) in the padded layout. D = rowsum(dO * O) (FA-2's D_i) is one XLA reduction."""
-    delta = jnp.einsum("blhk,blhk->bhl", do.astype(jnp.float32), out.astype(jnp.float32))
+def backward(cfg: Config, q, k, v, q_seg, kv_seg, out, out_lo, lse, do):
+    """(dq, dk, dv) in the padded layout. D = rowsum(dO * O) (FA-2's D_i) is one XLA reduction (`_blocks.delta`)."""
+    delta = row_delta("blhk,blhk->bhl", do, out, out_lo)
     do = do.astype(q.dtype)
-    ds_dtype = q.dtype if _blocks(cfg)["ds_in_input_dtype"] else jnp.float32
+    ds_16 = _blocks(cfg)["ds_in_input_dtype"]
     if _blocks(cfg)["fused_bwd"]:
-        dk, dv, dq = _backward_dkv(cfg, q, k, v, q_seg, kv_seg, lse, delta, do, ds_dtype)
+        dk, dv, dq = _backward_dkv(cfg, q, k, v, q_seg, kv_seg, lse, delta, do, ds_16)
         return (dq * cfg.scale).astype(q.dtype), dk, dv
-    dk, dv = _backward_dkv(cfg, q, k, v, q_seg, kv_seg, lse, delta, do, ds_dtype)
-    return _backward_dq(cfg, q, k, v, q_seg, kv_seg, lse, delta, do, ds_dtype), dk, dv
+    dk, dv = _backward_dkv(cfg, q, k, v, q_seg, kv_seg, lse, delta, do, ds_16)
+    return _backward_dq(cfg, q, k, v, q_seg, kv_seg, lse, delta, do, ds_16), dk, dv

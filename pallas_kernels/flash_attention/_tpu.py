@@ -17,7 +17,9 @@ the nearest visible block, so the pipeline issues no DMA for it. Only boundary b
 Backward: dK/dV with grid (b, g, s_pad / B_c, r, l_pad / B_r), the r = h / g query heads of a kv head and
 their query blocks both "arbitrary": the group's dK, dV accumulate in VMEM scratch (no per-head partial sums).
 dQ with grid (b, h, l_pad / B_r, s_pad / B_c) accumulating dQ in VMEM scratch. Both recompute
-P = exp(S - L) and use D = rowsum(dO * O) from XLA.
+P = exp(S - L) and use D = rowsum(dO * O) from XLA, O with the rounding error the forward keeps for 16-bit inputs.
+dQ = dS K and dK = dS^T Q take bf16 dS as two bf16 terms (`_blocks.ds_dot`): two single MXU passes where a HIGHEST
+float32 dot takes several (XLA's float32 algorithm on TPU is six bf16 passes).
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import _common as c
-from pallas_kernels.flash_attention._blocks import NEG_INF, Config, _div, element_mask, key_blocks, query_blocks
+from pallas_kernels.flash_attention._blocks import NEG_INF, Config, _div, ds_dot, element_mask, key_blocks, \
+    query_blocks, store_output
+from pallas_kernels.flash_attention._blocks import delta as row_delta
 
 LANES, SUBLANES = 128, 8
 _NT = (((1,), (1,)), ((), ()))
@@ -63,8 +67,8 @@ def _precision(dtype):
 
 
 def _dot(a, b, dims, precision):
-    """Float32-accumulated dot. dS is kept float32 (HIGHEST: Mosaic's default would round it to bf16) for
-    dQ = dS K and dK = dS^T Q: rounding it doubled their error against the float32 reference in tests."""
+    """Float32-accumulated dot; dQ = dS K and dK = dS^T Q go through `_blocks.ds_dot` (dS is never rounded to
+    bf16 alone: Mosaic's default precision would do that to a float32 operand)."""
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
@@ -138,9 +142,10 @@ def _query_major_specs(cfg, bq, bk):
 
 # --- forward ----------------------------------------------------------------------------------------------------
 
-def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: Config, bq: int, bk: int):
+def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: Config, bq: int, bk: int, with_lo: bool):
     qs_ref, ks_ref = refs[:2] if cfg.has_segments else (None, None)
-    o_ref, lse_ref, m_sc, l_sc, acc_sc = refs[-5:]
+    m_sc, l_sc, acc_sc = refs[-3:]
+    o_ref, lse_ref, lo_ref = refs[-6:-3] if with_lo else (*refs[-5:-3], None)
     qi, kj = pl.program_id(2), pl.program_id(3)
 
     @pl.when(kj == 0)
@@ -171,27 +176,34 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: Config, bq: int, bk: int):
         l = l_sc[...]
         empty = l == 0.0  # no visible key: output 0
         l_safe = jnp.where(empty, 1.0, l)
-        o_ref[...] = (acc_sc[...] * _lanes(1.0 / l_safe, cfg.kp)).astype(o_ref.dtype)
+        store_output(acc_sc[...] * _lanes(1.0 / l_safe, cfg.kp), o_ref, lo_ref)
         lse_ref[...] = jnp.where(empty, 0.0, m_sc[...] + jnp.log(l_safe))
 
 
-def forward(cfg: Config, q, k, v, q_seg, kv_seg):
-    """(out (b, h, l_pad, kp) in q.dtype, lse (b, h, l_pad) float32)."""
+def forward(cfg: Config, q, k, v, q_seg, kv_seg, with_lo: bool = False):
+    """(out (b, h, l_pad, kp) in q.dtype, lse (b, h, l_pad) float32), and with with_lo the output's rounding error
+    (`store_output`) as a third array."""
     b = q.shape[0]
     bq, bk = cfg.blocks[0], cfg.blocks[1]
     nq, nk = cfg.l_pad // bq, cfg.s_pad // bk
     q_spec, kv_spec, stat_spec, seg_specs = _query_major_specs(cfg, bq, bk)
     in_specs = [q_spec, kv_spec, kv_spec, *seg_specs]
     args = [q, k, v] + ([q_seg, kv_seg] if cfg.has_segments else [])
-    out_specs = [q_spec, stat_spec]  # O_i, L_i
+    out_specs = [q_spec, stat_spec] + [q_spec] * with_lo  # O_i, L_i (, the rounding error of O_i)
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, cfg.h, cfg.l_pad, LANES), jnp.float32)]
+    out_shape += [jax.ShapeDtypeStruct(q.shape, q.dtype)] * with_lo
     scratch = [pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
                pltpu.VMEM((bq, cfg.kp), jnp.float32)]
-    kernel = functools.partial(_fwd_kernel, cfg=cfg, bq=bq, bk=bk)
-    out, lse = _call(cfg, kernel, "flash_attention_fwd", (b, cfg.h, nq, nk), in_specs, out_specs, out_shape,
-                     scratch, ("parallel", "parallel", "parallel", "arbitrary"))(*args)
-    return out, lse[..., 0]
+    kernel = functools.partial(_fwd_kernel, cfg=cfg, bq=bq, bk=bk, with_lo=with_lo)
+    out, lse, *lo = _call(cfg, kernel, "flash_attention_fwd", (b, cfg.h, nq, nk), in_specs, out_specs, out_shape,
+                          scratch, ("parallel", "parallel", "parallel", "arbitrary"))(*args)
+    return (out, lse[..., 0], *lo)
+
+
+def _ds_dot_fn(dims):
+    """`ds_dot`'s dot: HIGHEST for a float32 operand (float32 / float16 inputs), one bf16 pass for bf16 terms."""
+    return lambda a, b: _dot(a, b, dims, _precision(a.dtype))
 
 
 # --- backward ---------------------------------------------------------------------------------------------------
@@ -226,7 +238,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: Con
         mask = _mask(cfg, qi, kj, bq, bk, qs_ref, ks_ref) if masked else None
         p, ds = _grads(cfg, q, k_ref[...], v_ref[...], do, lse_ref[...], delta_ref[...], mask)
         dv_sc[...] += _dot(p.T.astype(do.dtype), do, _NN, prec)  # dV_j += P^T dO_i
-        dk_sc[...] += _dot(ds.T, q.astype(jnp.float32), _NN, lax.Precision.HIGHEST)  # dK_j += dS^T Q_i
+        dk_sc[...] += ds_dot(_ds_dot_fn(_NN), ds.T, q)  # dK_j += dS^T Q_i
 
     lo, hi, a, b = query_blocks(cfg, kj, bq, bk)
     _when_visible((qi >= lo) & (qi < hi), (qi >= a) & (qi < b), step)
@@ -274,7 +286,7 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: Conf
         q, k = q_ref[...], k_ref[...]
         mask = _mask(cfg, qi, kj, bq, bk, qs_ref, ks_ref) if masked else None
         _, ds = _grads(cfg, q, k, v_ref[...], do_ref[...], lse_ref[...], delta_ref[...], mask)
-        dq_sc[...] += _dot(ds, k.astype(jnp.float32), _NN, lax.Precision.HIGHEST)  # dQ_i += dS K_j
+        dq_sc[...] += ds_dot(_ds_dot_fn(_NN), ds, k)  # dQ_i += dS K_j
 
     lo, hi, a, b = key_blocks(cfg, qi, bq, bk)
     _when_visible((kj >= lo) & (kj < hi), (kj >= a) & (kj < b), step)
@@ -297,9 +309,10 @@ def _backward_dq(cfg, q, k, v, q_seg, kv_seg, lse, delta, do):
                  ("parallel", "parallel", "parallel", "arbitrary"))(*args)
 
 
-def backward(cfg: Config, q, k, v, q_seg, kv_seg, out, lse, do):
-    """(dq, dk, dv) in the head-major padded layout; L and D = rowsum(dO * O) broadcast to 128 lanes."""
-    delta = jnp.einsum("bhlk,bhlk->bhl", do.astype(jnp.float32), out.astype(jnp.float32))
+def backward(cfg: Config, q, k, v, q_seg, kv_seg, out, out_lo, lse, do):
+    """(dq, dk, dv) in the head-major padded layout; L and D = rowsum(dO * O) (`_blocks.delta`) broadcast to 128
+    lanes."""
+    delta = row_delta("bhlk,bhlk->bhl", do, out, out_lo)
     lanes = lambda x: jnp.broadcast_to(x[..., None], (*x.shape, LANES))
     do = do.astype(q.dtype)
     dk, dv = _backward_dkv(cfg, q, k, v, q_seg, kv_seg, lanes(lse), lanes(delta), do)

@@ -20,6 +20,7 @@ import pytest
 import pallas_kernels._common as common
 from pallas_kernels import flash_attention as fa
 from pallas_kernels.flash_attention import BlockSizes, flash_attention, flash_attention_reference, supports
+from pallas_kernels.flash_attention._blocks import ds_dot
 from seqmix_jax.ops import attention
 from tests.helpers import assert_close, rel_err
 
@@ -155,24 +156,74 @@ def test_tpu_variant_matches_reference(rng, case):
 
 # --- bf16: at most 2x the error of the op's xla path in bf16 (both against float32 on the same inputs) -------
 
-@pytest.mark.parametrize("blocks,factor", [
-    (SMALL, 2),
-    # opt-in: dS rounded to bf16 for the dQ / dK dots (FA-2's choice) measured up to ~2.2x; bounded at 3x
-    (dataclasses.replace(SMALL_FUSED, ds_in_input_dtype=True), 3),
-], ids=["default", "fused_ds_bf16"])
-def test_bf16_error_within_twice_the_xla_path(rng, blocks, factor):
-    b, l, h, g, k = 2, 97, 6, 2, 72
-    q, kk, v = _qkv(rng, b, l, l, h, g, k, jnp.bfloat16)
+def _bf16_error_ratios(rng, q, kk, v, kernel_kw):
+    """{name: kernel max rel error / the xla path's} for out, dq, dk, dv, all against the float32 reference."""
     ct = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
     f32 = [a.astype(jnp.float32) for a in (q, kk, v)]
     ref = _forward_and_grads(lambda *a: attention(*a, impl="reference"), *f32, ct)
     xla = _forward_and_grads(lambda *a: attention(*a, impl="xla"), q, kk, v, ct)
-    ours = _forward_and_grads(lambda *a: flash_attention(*a, block_sizes=blocks, variant="gpu"), q, kk, v, ct)
+    ours = _forward_and_grads(lambda *a: flash_attention(*a, **kernel_kw), q, kk, v, ct)
+    ratios = {}
     for name, o, x, r, primal in zip(("out", "dq", "dk", "dv"), ours, xla, ref, (q, q, kk, v)):
         assert o.dtype == primal.dtype
         ours_err, xla_err = rel_err(o, r)[0], rel_err(x, r)[0]
         print(f"{name}: kernel max rel err {ours_err:.3e}, xla bf16 {xla_err:.3e}, ratio {ours_err / xla_err:.2f}")
-        assert ours_err <= factor * xla_err + 1e-4
+        ratios[name] = (ours_err + 1e-6) / xla_err
+    return ratios
+
+
+# The default backward's gradients carry the xla path's error: D from the output plus its rounding error
+# (`_blocks.delta`) and dS split into two bf16 terms (`_blocks.ds_dot`). Max-error ratios of the gradients: <= 1.01
+# over 8 other seeds of this case and 1.09 on this test's (one element rounding to the other side is a ratio near 2
+# at worst, so the bound is 1.25, not 1). Mutations on this test's inputs: D from the bf16 output alone, dk 1.47
+# (up to 1.77 over the 8 seeds); dS rounded to bf16, dk 1.32. The output (the forward's sums in another order) is
+# held to the issue's 2x.
+DEFAULT_BF16_FACTORS = dict(out=2.0, dq=1.25, dk=1.25, dv=1.25)
+
+
+@pytest.mark.parametrize("blocks,factors", [
+    (SMALL, DEFAULT_BF16_FACTORS),
+    # opt-in: dS rounded to bf16 for the dQ / dK dots (FA-2's choice) measured up to ~2.2x; bounded at 3x
+    (dataclasses.replace(SMALL_FUSED, ds_in_input_dtype=True), dict(out=2.0, dq=3.0, dk=3.0, dv=3.0)),
+], ids=["default", "fused_ds_bf16"])
+def test_bf16_error_within_twice_the_xla_path(rng, blocks, factors):
+    q, kk, v = _qkv(rng, 2, 97, 97, 6, 2, 72, jnp.bfloat16)
+    ratios = _bf16_error_ratios(rng, q, kk, v, dict(block_sizes=blocks, variant="gpu"))
+    for name, ratio in ratios.items():
+        assert ratio <= factors[name], (name, ratio)
+
+
+@pytest.mark.parametrize("variant", ["gpu", "tpu"])
+def test_bf16_gradients_when_every_key_shares_a_component(rng, variant):
+    """k_j = 30 c + e_j: dQ_i = scale * sum_j dS_ij k_j cancels the shared 30 c only as far as dS's rows sum to 0,
+    i.e. as far as D_i equals sum_j P_ij dP_ij. dq's max error / the xla path's, gpu / tpu variant: default 0.73 /
+    1.00; mutated to D from the bf16 output alone 1.44 / 2.73, or to dS rounded to bf16 1.73 / 2.49."""
+    b, l, h, k = 1, 97, 2, 64
+    q = jnp.asarray(rng.standard_normal((b, l, h, k)), jnp.bfloat16)
+    kk = jnp.asarray(30.0 * rng.standard_normal((1, 1, 1, k)) + rng.standard_normal((b, l, 1, k)), jnp.bfloat16)
+    v = jnp.asarray(rng.standard_normal((b, l, 1, k)), jnp.bfloat16)
+    blocks = SMALL if variant == "gpu" else None
+    ratios = _bf16_error_ratios(rng, q, kk, v, dict(block_sizes=blocks, variant=variant))
+    for name, ratio in ratios.items():
+        assert ratio <= DEFAULT_BF16_FACTORS[name], (name, ratio)
+
+
+def test_ds_dot_keeps_16_bits_of_ds(rng):
+    """`ds_dot` on bf16 tiles: the split's error against a float64 product, relative to sum |dS| |x|, is that of
+    16 significant bits of dS; dS rounded to bf16 (round_to_input) is ~2^-9; float16 tiles take a float32 dot."""
+    ds = jnp.asarray(rng.standard_normal((64, 48)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((48, 32)), jnp.bfloat16)
+    dot = lambda a, b: jnp.dot(a, b, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+    exact = np.asarray(ds, np.float64) @ np.asarray(x.astype(jnp.float32), np.float64)
+    bound = np.abs(np.asarray(ds, np.float64)) @ np.abs(np.asarray(x.astype(jnp.float32), np.float64))
+    err = lambda y: float(np.max(np.abs(np.asarray(y, np.float64) - exact) / bound))
+    acc = jnp.ones((64, 32), jnp.float32)
+    split = err(ds_dot(dot, ds, x, acc) - acc)
+    rounded = err(ds_dot(dot, ds, x, round_to_input=True))
+    print(f"split {split:.2e} (2^{np.log2(split):.1f}), rounded to bf16 {rounded:.2e} (2^{np.log2(rounded):.1f})")
+    assert split <= 2.0 ** -15 and rounded >= 2.0 ** -12
+    half = ds_dot(dot, ds, x.astype(jnp.float16))
+    assert err(half) <= 2.0 ** -20, err(half)
 
 
 # --- the kernel's own reference and the real backends' lowering ---------------------------------------------
