@@ -12,8 +12,9 @@ row per Triton kernel: its launch parameters, ptxas's registers per thread, spil
 Triton's shared memory, whether it compiled (or the error), and for kernels with exp2 in a loop the instructions
 per exp2 of the innermost such loop in the SASS (cuobjdump -sass; see `sass_stats`: above 8 the loop is bound by
 instruction issue rather than by the exp unit). Block sizes are the entries' defaults (what the ops use: they pass
-none); attention also runs with BlockSizes(fused_bwd=True, ds_in_input_dtype=True), SSD at n = 128 with
-BlockSizes(two_pass=True), and the selective scan's forward with wider channel blocks (block_d 16; 32 at n = 16).
+none); attention also runs with BlockSizes(fused_bwd=True), with and without ds_in_input_dtype=True, SSD at n = 128
+with BlockSizes(two_pass=True), and the selective scan's forward with wider channel blocks (block_d 16; 32 at
+n = 16).
 
 Where the kernel is: jaxlib <= 0.10.2 lowers a GPU pallas_call to `stablehlo.custom_call @__gpu$xla.gpu.triton`
 whose `mhlo.backend_config` dictionary holds `name`, `num_warps`, `num_stages`, `grid_x/y/z` and `ir`: the Triton
@@ -369,7 +370,8 @@ def _cases(quick: bool):
         case = case_str("causal", f"window{window}" if window else "", "segments" if segs else "",
                         b=b, h=h, l=l, k=k, dtype=bf)
         avals = [S((b, l, h, k), bf)] * 3 + ([S((b, l), i32)] if segs else [])
-        for label, blocks in [("default", None)] + ([] if quick else [("fused_bwd ds_in_input_dtype", fused)]):
+        options = [("fused_bwd", fa.BlockSizes(fused_bwd=True)), ("fused_bwd ds_in_input_dtype", fused)]
+        for label, blocks in [("default", None)] + ([] if quick else options):
             def f(q, kk, v, seg=None, window=window, blocks=blocks):
                 return fa.flash_attention(q, kk, v, causal=True, window=window, segment_ids=seg, block_sizes=blocks)
             out.append(("flash_attention", case, label, f, avals, (0, 1, 2)))

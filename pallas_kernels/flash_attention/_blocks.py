@@ -138,7 +138,8 @@ def ds_dot(dot, ds, x, acc=None, *, round_to_input: bool = False):
       (exact in bf16), lo = dS - hi (exact in float32) rounded to bf16, so dS keeps 16 significant bits where TF32
       keeps 11, and each product with the bf16 tile is exact: on the tensor cores / MXU the sum is a float32 dot
       up to 2^-16 of dS, the same as in interpret mode. Two bf16 passes cost one TF32 pass of the GPU's tensor
-      cores and a third of the passes a HIGHEST float32 dot takes on the MXU, and x is never upcast.
+      cores and fewer MXU passes than a HIGHEST float32 dot (XLA's float32 algorithm on TPU takes six), and x is
+      never upcast.
     - float32 inputs: one float32 dot. float16 inputs: dS in float32 and x upcast (TF32 on the GPU), because
       float16's exponent range would flush the small entries of hi and lo.
     Terms are added to acc one at a time, so Triton folds each into its dot's accumulator."""
@@ -158,18 +159,18 @@ def ds_dot(dot, ds, x, acc=None, *, round_to_input: bool = False):
 def store_output(o, o_ref, lo_ref=None):
     """Write the float32 output tile o in o_ref's dtype and, when lo_ref is given, what that rounding lost (o minus
     the rounded tile, itself rounded) into lo_ref: with it the backward's D = rowsum(dO * O) sees 16 significant bits
-    of O instead of bf16's 8, which is what keeps dQ and dK at the xla path's error (see `delta`)."""
+    of O instead of bf16's 8, which is what keeps dQ and dK at the xla path's error (see `row_delta`)."""
     out = o.astype(o_ref.dtype)
     o_ref[...] = out
     if lo_ref is not None:
         lo_ref[...] = (o - out.astype(jnp.float32)).astype(lo_ref.dtype)
 
 
-def delta(subscripts: str, do, out, out_lo):
+def row_delta(subscripts: str, do, out, out_lo):
     """FlashAttention-2's D = rowsum(dO * O) in float32 (one XLA reduction), O = out + out_lo when the forward kept
     the output's rounding error. dS = P * (dP - D) sums to ~0 along a row only as far as D equals sum_j P_ij dP_ij;
     with D from the bf16 output, a key component shared by all keys (c in k_j = c + e_j) no longer cancels in
-    dQ = dS K, and in tests dQ's error grew to 1.3-2.3x the xla path's (which keeps a float32 output)."""
+    dQ = dS K, and in tests the gradients' error grew to 1.4-2.7x the xla path's (which keeps a float32 output)."""
     o = out.astype(jnp.float32)
     if out_lo is not None:
         o = o + out_lo.astype(jnp.float32)

@@ -39,7 +39,8 @@ class BlockSizes:
 
     Backward schedule (GPU only; the TPU variant refuses True):
     fused_bwd: one kernel computes dK, dV and adds each dQ tile into a float32 buffer with atomic adds
-      (FA-2's schedule: 5 matmuls per tile instead of 7, dQ summed in a non-deterministic order);
+      (FA-2's schedule: 5 matmuls per tile instead of 7, dQ summed in a non-deterministic order; on sm_90a at
+      head dim 128 it spills 508 B per thread with the default dS split, none with ds_in_input_dtype=True);
       False: a separate dQ kernel recomputes S and dP (deterministic).
     ds_in_input_dtype: round dS to the input dtype for dQ = dS K and dK = dS^T Q (one 16-bit dot each,
       FlashAttention-2's choice; measured up to ~2.2x the xla path's bf16 gradient error, and more where all keys

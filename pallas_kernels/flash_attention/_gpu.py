@@ -20,8 +20,8 @@ short blocks.
 Backward (FA-2 Algorithm 2 split in two kernels, p recomputed from L):
     P = exp2(S - L),  dV = P^T dO,  dP = dO V^T,  dS = P * (dP - D),  dK = scale * dS^T Q,  dQ = scale * dS K
 with D = rowsum(dO * O) from XLA; for 16-bit inputs the forward also writes O's rounding error, and D sums
-dO * (O + that) (`_blocks.delta`), so dS's rows sum to ~0 as they do in float32. With bf16 inputs dQ and dK take
-dS as two bf16 terms (`_blocks.ds_dot`): every dot is a bf16 tensor-core dot and no Q or K tile is upcast.
+dO * (O + that) (`_blocks.row_delta`), so dS's rows sum to ~0 as they do in float32. With bf16 inputs dQ and dK
+take dS as two bf16 terms (`_blocks.ds_dot`): every dot is a bf16 tensor-core dot and no Q or K tile is upcast.
 dK/dV: grid (s_pad / B_c, b * g); a program owns K_j, V_j of one kv head and loops over the r = h / g query heads
 of its group and their query blocks, so GQA needs no partial sums.
 dQ: grid (l_pad / B_r, b * h), looping over key blocks like the forward. The dK/dV kernel works with the
@@ -42,8 +42,7 @@ from jax.experimental.pallas import triton as pltr
 
 from pallas_kernels import _common as c
 from pallas_kernels.flash_attention._blocks import LOG2E, NEG_INF, Config, _div, ds_dot, element_mask, \
-    key_blocks, query_blocks, store_output
-from pallas_kernels.flash_attention._blocks import delta as row_delta
+    key_blocks, query_blocks, row_delta, store_output
 
 _NT = (((1,), (1,)), ((), ()))  # a @ b^T
 _NN = (((1,), (0,)), ((), ()))  # a @ b
@@ -320,7 +319,8 @@ def _backward_dq(cfg, q, k, v, q_seg, kv_seg, lse, delta, do, ds_16):
 
 
 def backward(cfg: Config, q, k, v, q_seg, kv_seg, out, out_lo, lse, do):
-    """(dq, dk, dv) in the padded layout. D = rowsum(dO * O) (FA-2's D_i) is one XLA reduction (`_blocks.delta`)."""
+    """(dq, dk, dv) in the padded layout. D = rowsum(dO * O) (FA-2's D_i) is one XLA reduction
+    (`_blocks.row_delta`)."""
     delta = row_delta("blhk,blhk->bhl", do, out, out_lo)
     do = do.astype(q.dtype)
     ds_16 = _blocks(cfg)["ds_in_input_dtype"]

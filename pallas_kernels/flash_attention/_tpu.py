@@ -18,8 +18,8 @@ Backward: dK/dV with grid (b, g, s_pad / B_c, r, l_pad / B_r), the r = h / g que
 their query blocks both "arbitrary": the group's dK, dV accumulate in VMEM scratch (no per-head partial sums).
 dQ with grid (b, h, l_pad / B_r, s_pad / B_c) accumulating dQ in VMEM scratch. Both recompute
 P = exp(S - L) and use D = rowsum(dO * O) from XLA, O with the rounding error the forward keeps for 16-bit inputs.
-dQ = dS K and dK = dS^T Q take bf16 dS as two bf16 terms (`_blocks.ds_dot`): two single MXU passes where a HIGHEST
-float32 dot takes several (XLA's float32 algorithm on TPU is six bf16 passes).
+With bf16 inputs dQ = dS K and dK = dS^T Q take dS as two bf16 terms (`_blocks.ds_dot`): two MXU passes where a
+HIGHEST float32 dot takes several (XLA's float32 algorithm on TPU is six bf16 passes).
 """
 
 from __future__ import annotations
@@ -34,8 +34,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import _common as c
 from pallas_kernels.flash_attention._blocks import NEG_INF, Config, _div, ds_dot, element_mask, key_blocks, \
-    query_blocks, store_output
-from pallas_kernels.flash_attention._blocks import delta as row_delta
+    query_blocks, row_delta, store_output
 
 LANES, SUBLANES = 128, 8
 _NT = (((1,), (1,)), ((), ()))
@@ -310,8 +309,8 @@ def _backward_dq(cfg, q, k, v, q_seg, kv_seg, lse, delta, do):
 
 
 def backward(cfg: Config, q, k, v, q_seg, kv_seg, out, out_lo, lse, do):
-    """(dq, dk, dv) in the head-major padded layout; L and D = rowsum(dO * O) (`_blocks.delta`) broadcast to 128
-    lanes."""
+    """(dq, dk, dv) in the head-major padded layout; L and D = rowsum(dO * O) (`_blocks.row_delta`) broadcast to
+    128 lanes."""
     delta = row_delta("bhlk,bhlk->bhl", do, out, out_lo)
     lanes = lambda x: jnp.broadcast_to(x[..., None], (*x.shape, LANES))
     do = do.astype(q.dtype)

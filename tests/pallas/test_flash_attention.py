@@ -173,7 +173,7 @@ def _bf16_error_ratios(rng, q, kk, v, kernel_kw):
 
 
 # The default backward's gradients carry the xla path's error: D from the output plus its rounding error
-# (`_blocks.delta`) and dS split into two bf16 terms (`_blocks.ds_dot`). Max-error ratios of the gradients: <= 1.01
+# (`_blocks.row_delta`) and dS split into two bf16 terms (`_blocks.ds_dot`). Max-error ratios of the gradients: <= 1.01
 # over 8 other seeds of this case and 1.09 on this test's (one element rounding to the other side is a ratio near 2
 # at worst, so the bound is 1.25, not 1). Mutations on this test's inputs: D from the bf16 output alone, dk 1.47
 # (up to 1.77 over the 8 seeds); dS rounded to bf16, dk 1.32. The output (the forward's sums in another order) is
