@@ -171,12 +171,13 @@ def _run(mesh, cfg, batches):
     state = _state(model, tx)
     step, shardings = _step_fn(graphdef, tx, mesh, state, 2, 0.01, 0.001)
     state = jax.device_put(state, shardings)
-    losses, aux = [], []
+    losses, aux, wi = [], [], []
     for b in batches:
         state, m = step(state, sh.shard_batch(b, mesh, 16), None)
         losses.append(float(m["loss"]))
         aux.append(float(m["moe_aux_loss"]))
-    return np.array(losses), np.array(aux), state
+        wi.append(np.asarray(state["params"]["blocks"][0]["moe"]["wi"][...]))  # layer 0's experts after the step
+    return np.array(losses), np.array(aux), wi, state
 
 
 @pytest.mark.parametrize("mode", ["all_to_all", pytest.param("all_gather", marks=pytest.mark.slow),
@@ -188,15 +189,20 @@ def test_data_expert_mesh_matches_one_device(rng, mode):
                f"expert_parallel: {ep}}}")
     batches = [_batch(rng, 16, 32, 64) for _ in range(2)]
     batches.append(batches[0])
-    one, aux1, s1 = _run(_mesh(data=1), cfg, batches)
-    eight, aux8, s8 = _run(_mesh(data=2, expert=4), cfg, batches)
+    one, aux1, wi1, _ = _run(_mesh(data=1), cfg, batches)
+    eight, aux8, wi8, s8 = _run(_mesh(data=2, expert=4), cfg, batches)
     print(f"mode {mode}: losses 1 device {one}, data=2 x expert=4 {eight}; aux {aux1} vs {aux8}")
     assert np.all(np.isfinite(one)) and one[2] < one[0]
     assert_close("losses data x expert vs 1 device", eight, one, 1e-5)
-    assert_close("aux losses", aux8, aux1, 1e-5)
+    assert_close("aux loss of the first step (same parameters)", aux8[:1], aux1[:1], 1e-5)
     wi = s8["params"]["blocks"][0]["moe"]["wi"][...]
     assert wi.sharding.spec[0] == "expert" and wi.addressable_shards[0].data.shape[0] == 1
     # AdamW divides by sqrt(v): for weights whose gradient is ~0 a float32 reduction-order difference between the
-    # layouts changes the update's size (mean rel err ~4e-6, max ~6e-4 measured); the losses above agree to 1e-5.
-    assert_close("expert weights after 3 AdamW steps", np.asarray(wi),
-                 np.asarray(s1["params"]["blocks"][0]["moe"]["wi"][...]), 2e-3)
+    # layouts changes the update's size (all_to_all, max rel err 3.0e-4 on jax 0.10.2 and 3.7e-4 on 0.12.0.1, mean
+    # ~6e-8); the losses above agree to 1e-5.
+    assert_close("expert weights after the first AdamW step", wi8[0], wi1[0], 2e-3)
+    # With parameters that differ that little, a top-k near-tie can route a token differently in a later step: on
+    # jax 0.12.0.1 one (token, choice) pair of layer 0 changed expert in the second batch (expert loads 261/283 vs
+    # 262/282 of 1024). That moved the load-balancing loss by 8e-4 relative and, through AdamW's normalized update,
+    # the expert weights after 3 steps by up to 2.7e-2; the CE losses, continuous in the parameters, agreed to 5e-6.
+    assert_close("aux losses after updates", aux8, aux1, 2e-3)
