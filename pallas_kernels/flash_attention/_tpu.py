@@ -6,8 +6,9 @@ blocks multiples of 128. Per-row statistics live in (rows, 128) lane-broadcast a
 occupy the same vregs, and (rows, 128) blocks are (8, 128)-legal where a (rows,) block of a (b, h, l) array is
 not (its second-minor dim would be the squeezed head). So the forward writes the log-sum-exp L as
 (b, h, l_pad, 128) (every lane equal; the residual keeps lane 0), and the backward broadcasts L and D back to 128
-lanes. Segment ids come in as q ids broadcast along lanes (b, l_pad, 128) and kv ids along sublanes
-(b, 8, s_pad), so a (B_r, B_c) comparison needs only a lane tile and a sublane broadcast.
+lanes for the dQ kernel and to 8 sublanes for the dK/dV kernel. Segment ids come in as q ids broadcast along lanes
+(b, l_pad, 128) and kv ids along sublanes (b, 8, s_pad), so a (B_r, B_c) comparison needs only a lane tile and a
+sublane broadcast; the dK/dV kernel's (B_c, B_r) comparison gets them the other way round.
 
 Forward, grid (b, h, l_pad / B_r, s_pad / B_c), the key axis "arbitrary" (sequential): m, l, acc (FA-2
 Algorithm 1's m_i, l_i, O_i) are VMEM scratch, reset at key block 0 and written out at the last key block. A
@@ -18,6 +19,8 @@ Backward: dK/dV with grid (b, g, s_pad / B_c, r, l_pad / B_r), the r = h / g que
 their query blocks both "arbitrary": the group's dK, dV accumulate in VMEM scratch (no per-head partial sums).
 dQ with grid (b, h, l_pad / B_r, s_pad / B_c) accumulating dQ in VMEM scratch. Both recompute
 P = exp(S - L) and use D = rowsum(dO * O) from XLA, O with the rounding error the forward keeps for 16-bit inputs.
+The dK/dV kernel works with the transposed tiles S^T = K Q^T and dP^T = V dO^T, with L and D as (8, B_r)
+sublane-broadcast rows, so dV += P^T dO and dK += dS^T Q take their tiles as they are (no transpose on the XLU).
 With bf16 inputs dQ = dS K and dK = dS^T Q take dS as two bf16 terms (`_blocks.ds_dot`): two MXU passes where a
 HIGHEST float32 dot takes several (XLA's float32 algorithm on TPU is six bf16 passes).
 """
@@ -90,12 +93,18 @@ def _clamp(x, lo, hi, n: int):
     return jnp.minimum(jnp.maximum(jnp.minimum(jnp.maximum(x, lo), hi - 1), 0), n - 1)
 
 
-def _mask(cfg, qi, kj, bq, bk, qs_ref, ks_ref):
-    rows = qi * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
-    cols = kj * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+def _mask(cfg, qi, kj, bq, bk, qs_ref, ks_ref, transposed: bool = False):
+    """The (B_r, B_c) element mask, or with `transposed` its (B_c, B_r) transpose (the segment ids then come
+    in the other layouts, see `_seg_specs`)."""
+    shape, row_axis = ((bk, bq), 1) if transposed else ((bq, bk), 0)
+    rows = qi * bq + lax.broadcasted_iota(jnp.int32, shape, row_axis)
+    cols = kj * bk + lax.broadcasted_iota(jnp.int32, shape, 1 - row_axis)
     q_seg = kv_seg = None
     if qs_ref is not None:
-        q_seg, kv_seg = _lanes(qs_ref[...], bk), ks_ref[...][:1, :]
+        if transposed:
+            q_seg, kv_seg = qs_ref[...][:1, :], _lanes(ks_ref[...], bq)
+        else:
+            q_seg, kv_seg = _lanes(qs_ref[...], bk), ks_ref[...][:1, :]
     return element_mask(cfg, rows, cols, q_seg, kv_seg)
 
 
@@ -113,10 +122,27 @@ def _call(cfg, kernel, name, grid, in_specs, out_specs, out_shape, scratch, sema
                           interpret=c.interpret_arg("tpu", cfg.interpret), name=name)
 
 
-def _seg_specs(cfg, bq, bk, q_index, k_index):
-    """BlockSpecs for the lane-broadcast q ids and sublane-broadcast kv ids; index fns give (b, block)."""
-    return [pl.BlockSpec((None, bq, LANES), lambda *g: (*q_index(*g), 0)),
-            pl.BlockSpec((None, SUBLANES, bk), lambda *g: (k_index(*g)[0], 0, k_index(*g)[1]))]
+def _seg_specs(cfg, bq, bk, q_index, k_index, transposed: bool = False):
+    """BlockSpecs for the lane-broadcast q ids and sublane-broadcast kv ids (`to_layout`), or with `transposed`
+    for sublane-broadcast q ids and lane-broadcast kv ids (`_transposed_ids`); index fns give (b, block)."""
+    lanes = lambda index: lambda *g: (*index(*g), 0)
+    sublanes = lambda index: lambda *g: _insert_zero(index(*g), 1)
+    if transposed:
+        return [pl.BlockSpec((None, SUBLANES, bq), sublanes(q_index)), pl.BlockSpec((None, bk, LANES), lanes(k_index))]
+    return [pl.BlockSpec((None, bq, LANES), lanes(q_index)), pl.BlockSpec((None, SUBLANES, bk), sublanes(k_index))]
+
+
+def _insert_zero(index: tuple, at: int) -> tuple:
+    """A block index with a 0 inserted at position `at` (the block's sublane axis)."""
+    return (*index[:at], 0, *index[at:])
+
+
+def _transposed_ids(q_seg, kv_seg):
+    """`to_layout`'s lane-broadcast q ids (b, l_pad, 128) and sublane-broadcast kv ids (b, 8, s_pad) as
+    sublane-broadcast q ids (b, 8, l_pad) and lane-broadcast kv ids (b, s_pad, 128), for transposed tiles."""
+    b, l_pad, s_pad = q_seg.shape[0], q_seg.shape[1], kv_seg.shape[2]
+    return (jnp.broadcast_to(q_seg[:, None, :, 0], (b, SUBLANES, l_pad)),
+            jnp.broadcast_to(kv_seg[:, 0, :, None], (b, s_pad, LANES)))
 
 
 def _query_major_specs(cfg, bq, bk):
@@ -207,15 +233,22 @@ def _ds_dot_fn(dims):
 
 # --- backward ---------------------------------------------------------------------------------------------------
 
-def _grads(cfg, q, k, v, do, lse, delta, mask):
-    """P, dS (B_r, B_c) for one tile: P = exp(S - L) (0 where masked), dS = P * (dP - D) through the soft-cap."""
+def _grads(cfg, q, k, v, do, lse, delta, mask, transposed: bool = False):
+    """P, dS (B_r, B_c) for one tile: P = exp(S - L) (0 where masked), dS = P * (dP - D) through the soft-cap;
+    L and D are (B_r, 128) lane-broadcast columns. With `transposed`, P^T and dS^T (B_c, B_r) from S^T = K Q^T and
+    dP^T = V dO^T, with L and D (1, B_r) rows: the dK/dV kernel's products P^T dO and dS^T Q then need no
+    transposed tile (as jax's splash attention computes them)."""
     prec = _precision(q.dtype)
-    s, t = _scores(cfg, _dot(q, k, _NT, prec))
-    bk = k.shape[0]
-    p = jnp.exp(s - _lanes(lse, bk))
+    if transposed:
+        x, dp, lse_b, delta_b = _dot(k, q, _NT, prec), _dot(v, do, _NT, prec), lse, delta
+    else:
+        bk = k.shape[0]
+        x, dp, lse_b, delta_b = _dot(q, k, _NT, prec), _dot(do, v, _NT, prec), _lanes(lse, bk), _lanes(delta, bk)
+    s, t = _scores(cfg, x)
+    p = jnp.exp(s - lse_b)
     if mask is not None:
         p = jnp.where(mask, p, 0.0)
-    ds = p * (_dot(do, v, _NT, prec) - _lanes(delta, bk))
+    ds = p * (dp - delta_b)
     if t is not None:
         ds = ds * (1.0 - t * t)  # d(c tanh(x / c)) / dx
     return p, ds
@@ -234,10 +267,11 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: Con
     def step(masked):
         q, do = q_ref[...], do_ref[...]
         prec = _precision(q.dtype)
-        mask = _mask(cfg, qi, kj, bq, bk, qs_ref, ks_ref) if masked else None
-        p, ds = _grads(cfg, q, k_ref[...], v_ref[...], do, lse_ref[...], delta_ref[...], mask)
-        dv_sc[...] += _dot(p.T.astype(do.dtype), do, _NN, prec)  # dV_j += P^T dO_i
-        dk_sc[...] += ds_dot(_ds_dot_fn(_NN), ds.T, q)  # dK_j += dS^T Q_i
+        mask = _mask(cfg, qi, kj, bq, bk, qs_ref, ks_ref, transposed=True) if masked else None
+        pt, dst = _grads(cfg, q, k_ref[...], v_ref[...], do, lse_ref[...][:1, :], delta_ref[...][:1, :], mask,
+                         transposed=True)
+        dv_sc[...] += _dot(pt.astype(do.dtype), do, _NN, prec)  # dV_j += P^T dO_i
+        dk_sc[...] += ds_dot(_ds_dot_fn(_NN), dst, q)  # dK_j += dS^T Q_i
 
     lo, hi, a, b = query_blocks(cfg, kj, bq, bk)
     _when_visible((qi >= lo) & (qi < hi), (qi >= a) & (qi < b), step)
@@ -249,6 +283,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: Con
 
 
 def _backward_dkv(cfg, q, k, v, q_seg, kv_seg, lse, delta, do):
+    """dK, dV from the transposed tiles (`_grads`): lse and delta come as (b, h, 8, l_pad) sublane-broadcast rows,
+    the segment ids as sublane-broadcast q ids and lane-broadcast kv ids (`_transposed_ids`)."""
     b = q.shape[0]
     bq, bk = cfg.blocks[2], cfg.blocks[3]
     nq, nk = cfg.l_pad // bq, cfg.s_pad // bk
@@ -259,12 +295,12 @@ def _backward_dkv(cfg, q, k, v, q_seg, kv_seg, lse, delta, do):
 
     q_spec = pl.BlockSpec((None, None, bq, cfg.kp), lambda *g: (*q_block(*g), 0))
     kv_spec = pl.BlockSpec((None, None, bk, cfg.kp), lambda bi, gi, kj, hr, qi: (bi, gi, kj, 0))
-    stat_spec = pl.BlockSpec((None, None, bq, LANES), lambda *g: (*q_block(*g), 0))
+    stat_spec = pl.BlockSpec((None, None, SUBLANES, bq), lambda *g: _insert_zero(q_block(*g), 2))
     in_specs, args = [q_spec, kv_spec, kv_spec, q_spec, stat_spec, stat_spec], [q, k, v, do, lse, delta]
     if cfg.has_segments:
         in_specs += _seg_specs(cfg, bq, bk, lambda *g: (q_block(*g)[0], q_block(*g)[2]),
-                               lambda bi, gi, kj, hr, qi: (bi, kj))
-        args += [q_seg, kv_seg]
+                               lambda bi, gi, kj, hr, qi: (bi, kj), transposed=True)
+        args += list(_transposed_ids(q_seg, kv_seg))
     scratch = [pltpu.VMEM((bk, cfg.kp), jnp.float32), pltpu.VMEM((bk, cfg.kp), jnp.float32)]
     kernel = functools.partial(_dkv_kernel, cfg=cfg, bq=bq, bk=bk)
     out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
@@ -314,6 +350,7 @@ def backward(cfg: Config, q, k, v, q_seg, kv_seg, out, out_lo, lse, do):
     delta = row_delta("bhlk,bhlk->bhl", do, out, out_lo)
     lanes = lambda x: jnp.broadcast_to(x[..., None], (*x.shape, LANES))
     do = do.astype(q.dtype)
-    dk, dv = _backward_dkv(cfg, q, k, v, q_seg, kv_seg, lanes(lse), lanes(delta), do)
+    sublanes = lambda x: jnp.broadcast_to(x[..., None, :], (*x.shape[:-1], SUBLANES, x.shape[-1]))
+    dk, dv = _backward_dkv(cfg, q, k, v, q_seg, kv_seg, sublanes(lse), sublanes(delta), do)
     dq = _backward_dq(cfg, q, k, v, q_seg, kv_seg, lanes(lse), lanes(delta), do)
     return dq, dk, dv

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.extend.core  # noqa: F401 (jax.extend.core.Jaxpr in _eqns)
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -152,6 +153,35 @@ def test_tpu_variant_matches_reference(rng, case):
     if spec["segments"]:
         op_kw["segment_ids"] = _segments(rng, spec["shape"][0], spec["shape"][1], [0, 1, 2])
     _compare(rng, *spec["shape"], dict(variant="tpu"), op_kw)
+
+
+def _eqns(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs inside its equations (cond branches, loops, kernels)."""
+    out = []
+    for eqn in jaxpr.eqns:
+        out.append(eqn)
+        for value in eqn.params.values():
+            for x in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(x, (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr)):
+                    out += _eqns(getattr(x, "jaxpr", x))
+    return out
+
+
+def test_tpu_dkv_kernel_transposes_no_tile(rng):
+    """The TPU dK/dV kernel works on S^T = K Q^T with the statistics and segment ids as rows, so dV += P^T dO and
+    dK += dS^T Q take their tiles as they are: no transpose in its body (Mosaic runs one per tile on the XLU; with
+    P and dS (B_r, B_c) there were 4, P^T and dS^T in the masked and the unmasked step). Checked with segment ids and
+    a window, so the masked step is traced too."""
+    q, kk, v = _qkv(rng, 1, 200, 200, 4, 2, 64, jnp.bfloat16)
+    seg = _segments(rng, 1, 200, [0, 1])
+    fn = lambda q, k, v: flash_attention(q, k, v, segment_ids=seg, window=90, variant="tpu")
+    jaxpr = jax.make_jaxpr(jax.grad(lambda *a: jnp.sum(fn(*a).astype(jnp.float32)), argnums=(0, 1, 2)))(q, kk, v)
+    kernels = {str(e.params["name"]): _eqns(e.params["jaxpr"]) for e in _eqns(jaxpr.jaxpr)
+               if e.primitive.name == "pallas_call"}
+    counts = {name: sum(e.primitive.name == "transpose" for e in body) for name, body in kernels.items()}
+    print(counts)
+    assert set(counts) == {"flash_attention_fwd", "flash_attention_dkv", "flash_attention_dq"}
+    assert counts["flash_attention_dkv"] == 0
 
 
 # --- bf16: at most 2x the error of the op's xla path in bf16 (both against float32 on the same inputs) -------
