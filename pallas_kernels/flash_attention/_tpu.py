@@ -132,6 +132,11 @@ def _seg_specs(cfg, bq, bk, q_index, k_index, transposed: bool = False):
     return [pl.BlockSpec((None, bq, LANES), lanes(q_index)), pl.BlockSpec((None, SUBLANES, bk), sublanes(k_index))]
 
 
+def _batch_and_block(index: tuple) -> tuple:
+    """(batch, head, sequence block) -> (batch, sequence block), the index of a segment-id block."""
+    return index[0], index[2]
+
+
 def _insert_zero(index: tuple, at: int) -> tuple:
     """A block index with a 0 inserted at position `at` (the block's sublane axis)."""
     return (*index[:at], 0, *index[at:])
@@ -161,7 +166,7 @@ def _query_major_specs(cfg, bq, bk):
     seg_specs = []
     if cfg.has_segments:
         seg_specs = _seg_specs(cfg, bq, bk, lambda bi, hh, qi, kj: (bi, qi),
-                               lambda *g: (kv_block(*g)[0], kv_block(*g)[2]))
+                               lambda *g: _batch_and_block(kv_block(*g)))
     return q_spec, kv_spec, stat_spec, seg_specs
 
 
@@ -298,7 +303,7 @@ def _backward_dkv(cfg, q, k, v, q_seg, kv_seg, lse, delta, do):
     stat_spec = pl.BlockSpec((None, None, SUBLANES, bq), lambda *g: _insert_zero(q_block(*g), 2))
     in_specs, args = [q_spec, kv_spec, kv_spec, q_spec, stat_spec, stat_spec], [q, k, v, do, lse, delta]
     if cfg.has_segments:
-        in_specs += _seg_specs(cfg, bq, bk, lambda *g: (q_block(*g)[0], q_block(*g)[2]),
+        in_specs += _seg_specs(cfg, bq, bk, lambda *g: _batch_and_block(q_block(*g)),
                                lambda bi, gi, kj, hr, qi: (bi, kj), transposed=True)
         args += list(_transposed_ids(q_seg, kv_seg))
     scratch = [pltpu.VMEM((bk, cfg.kp), jnp.float32), pltpu.VMEM((bk, cfg.kp), jnp.float32)]
@@ -346,7 +351,7 @@ def _backward_dq(cfg, q, k, v, q_seg, kv_seg, lse, delta, do):
 
 def backward(cfg: Config, q, k, v, q_seg, kv_seg, out, out_lo, lse, do):
     """(dq, dk, dv) in the head-major padded layout; L and D = rowsum(dO * O) (`_blocks.row_delta`) broadcast to
-    128 lanes."""
+    128 lanes for the dQ kernel and to 8 sublanes for the dK/dV kernel."""
     delta = row_delta("bhlk,bhlk->bhl", do, out, out_lo)
     lanes = lambda x: jnp.broadcast_to(x[..., None], (*x.shape, LANES))
     do = do.astype(q.dtype)
