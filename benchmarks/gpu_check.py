@@ -8,8 +8,8 @@ Each kernel's part lives in benchmarks/gpu/<kernel>.py (`run(quick) -> rows`): f
 the op's reference on the device (forward and gradients), then its forward and forward+backward times against the
 op's xla path (and, for attention, cuDNN) at the sizes of issue 7's targets, in bf16. This script runs the parts in
 turn within a time budget (a part that would start after the budget is reported as skipped), then the parts'
-optional rows (`variants(quick, deadline) -> rows`: other block sizes, skipped once the budget is spent, so they
-never crowd out another part's defaults), lines up the SSD and selective-scan rows that share a shape (the "SSD
+optional rows (`variants(quick, deadline) -> rows`: other block sizes, then jax's own attention kernels as peers;
+skipped once the budget is spent, so they never crowd out another part's defaults), lines up the SSD and selective-scan rows that share a shape (the "SSD
 faster than the Mamba-1 scan at n = 64-128" target), prints one table and writes JSON (benchmarks/report.py renders
 it into BENCHMARKS.md).
 """
@@ -129,7 +129,9 @@ def main(argv=None) -> int:
         rows += part
         write_json(args.out, rows, dict(info, partial=True))  # a run killed by a timeout keeps what it measured
     broken = {r["kernel"] for r in rows if r.get("check") in ("error", "skipped") and r.get("case") == "-"}
-    for kernel in [k for k in only if k not in broken]:  # the optional rows, once every part's defaults are in
+    # the optional rows, once every part's defaults are in; attention's peer rows last: they inform, the others
+    # (SSD's two-pass and saved-states rows) choose defaults
+    for kernel in sorted((k for k in only if k not in broken), key=lambda k: k == "flash_attention"):
         t0 = time.perf_counter()
         part = run_part(kernel, args.quick, deadline=start + args.budget_s, phase="variants")
         if part:

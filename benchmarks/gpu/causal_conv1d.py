@@ -100,7 +100,7 @@ def _timing(quick: bool) -> list[dict]:
         frac = gbps * 1e9 / limits.hbm
         ratio = ms_b / ms_f
         rows.append(row(KERNEL, case, "timing", ms_fwd=ms_f, ms_bwd=ms_b, ms_xla_fwd=ms_xf, ms_xla_bwd=ms_xb,
-                        gbps=gbps, ok=ratio <= 3.0,
+                        gbps=gbps, ok=None if quick else ratio <= 3.0,  # interpret-mode times say nothing
                         target=f"fwd {100 * frac:.0f}% of HBM floor; bwd/fwd {ratio:.2f}x "
                                f"(<= 3x {'ok' if ratio <= 3 else 'MISSED'})",
                         note=join_notes(f"bwd {gbps_b:.0f} GB/s ({100 * gbps_b * 1e9 / limits.hbm:.0f}%); "

@@ -12,17 +12,25 @@ Besides the default backward (separate dK/dV and dQ kernels, dS as two bf16 term
 "bwd-..." time the BlockSizes options at l = 8192 (fused: dQ by atomic adds, 5 matmuls per tile instead of 7;
 ds16: dS rounded to bf16 for the dQ / dK dots), with their bf16 error checked at l = 999, so the defaults can be
 chosen from one run.
+
+`variants` (run by gpu_check after every part's defaults) times two peers that ship with jax against ours, back to
+back at the same shapes: its Pallas Triton kernel (`pallas.ops.gpu.attention.mha`, forward and backward, bf16) and
+its Mosaic GPU Hopper kernel (`pallas.ops.gpu.attention_mgpu`, warp-specialized, TMA + WGMMA; causal forward only,
+in float16 because its shared-memory buffers are float16). The second says whether a Mosaic GPU variant of ours
+would pay (issue 7: "Mosaic GPU where it pays").
 """
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.gpu._common import case_str, failure, median_ms, rel_err, row
+from benchmarks.gpu._common import case_str, failure, median_ms, optional_rows, rel_err, row
 from pallas_kernels.flash_attention import BlockSizes, flash_attention
 from seqmix_jax.ops import attention
 
@@ -141,7 +149,7 @@ def _timing(b, l, h, k, n, quick, deadline, option="default", ms_fwd=None):
             ms_cudnn_fwd, ms_cudnn_bwd = _fwd_and_bwd_ms(cudnn, q, kk, v, n)
             share = ms_cudnn_fwd / ms_fwd
             met.append(share >= 0.6)
-            targets.append(f"fwd >= 60% cuDNN: {100 * share:.0f}% {'ok' if met[-1] else 'MISS'}")
+            targets.append(f"fwd >= 60% cuDNN: {100 * share:.0f}% {'ok' if met[-1] else 'MISSED'}")
             notes.append(f"cuDNN fwd {ms_cudnn_fwd:.2f} ms ({flops_fwd / ms_cudnn_fwd / 1e9:.0f} TFLOP/s), "
                          f"bwd {ms_cudnn_bwd:.2f} ms; ours/cuDNN bwd speed {ms_cudnn_bwd / ms_bwd:.0%}")
         except Exception as e:  # noqa: BLE001 - cuDNN missing (CPU), refusing the shape, or no time left
@@ -149,7 +157,7 @@ def _timing(b, l, h, k, n, quick, deadline, option="default", ms_fwd=None):
             notes.append(f"cuDNN failed: {failure(e, 200)}")
     ratio = ms_bwd / ms_fwd
     met.append(ratio <= 3)
-    targets.append(f"bwd <= 3x fwd: {ratio:.2f}x {'ok' if met[-1] else 'MISS'}")
+    targets.append(f"bwd <= 3x fwd: {ratio:.2f}x {'ok' if met[-1] else 'MISSED'}")
     out.update(target="; ".join(targets), ok=None if quick else all(met),
                note="; ".join(notes) + (" [interpret]" if quick else ""))
     return out
@@ -181,6 +189,68 @@ def run(quick: bool = False) -> list[dict]:
                 continue
             rows.append(_timing(*timings[options_at], n, quick, deadline, option, base["ms_fwd"]))
     return rows
+
+
+# --- peers: jax's own attention kernels, timed back to back with ours --------------------------------------------
+
+def _pallas_triton(q, k, v, interpret=False):
+    """jax's Pallas Triton flash attention (deprecated in jax in favour of tokamax, so imported here, quietly)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from jax.experimental.pallas.ops.gpu import attention as peer
+    return peer.mha(q, k, v, None, sm_scale=1 / math.sqrt(q.shape[-1]), causal=True, interpret=interpret)
+
+
+def _mosaic_gpu(q, k, v):
+    """jax's Mosaic GPU attention for Hopper, in its own benchmark's configuration (block_q 64, block_kv 128). It
+    applies no softmax scale, so _mosaic_gpu_inputs scales q beforehand (outside the timed call)."""
+    from jax.experimental.pallas.ops.gpu import attention_mgpu as peer
+    return peer.attention(q, k, v, peer.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2, causal=True))
+
+
+def _mosaic_gpu_inputs(q, k, v):
+    q = q.astype(jnp.float32) / math.sqrt(q.shape[-1])
+    return tuple(x.astype(jnp.float16) for x in (q, k, v))
+
+
+PEERS = {  # name: (fn(q, k, v), its inputs from ours, times its backward, what the note says of it)
+    "pallas-triton": (_pallas_triton, lambda *a: a, True,
+                      "jax.experimental.pallas.ops.gpu.attention.mha (Triton, bf16, blocks 128 x 128 forward, 32 "
+                      "backward)"),
+    "mosaic-gpu": (_mosaic_gpu, _mosaic_gpu_inputs, False,
+                   "jax.experimental.pallas.ops.gpu.attention_mgpu (Mosaic GPU, fp16, block_q 64, block_kv 128; "
+                   "it has no causal backward)")}
+
+
+def _peer_timing(peer, b, l, h, k, n, quick):
+    """Ours and `peer` at one shape, causal, bf16 (the peer's inputs as it takes them, prepared outside the timed
+    calls); the xla columns hold the peer's times, the note how far its output is from ours."""
+    fn, prepare, with_bwd, what = PEERS[peer]
+    if quick:
+        fn = lambda q, kk, v, fn=fn: fn(q, kk, v, interpret=True)
+    ours = lambda *a: flash_attention(*a, causal=True)
+    args = _inputs(b, l, h, h, k, jnp.bfloat16)[:3]
+    peer_args = jax.block_until_ready(prepare(*args))
+    times = lambda f, a: _fwd_and_bwd_ms(f, *a, n) if with_bwd else (median_ms(jax.jit(f), *a, n=n), None)
+    ms, ms_peer = times(ours, args), times(fn, peer_args)
+    diff = rel_err(jax.jit(fn)(*peer_args).astype(jnp.float32), jax.jit(ours)(*args).astype(jnp.float32))
+    speed = [f"{kind} {p / o:.0%}" for kind, o, p in zip(("fwd", "bwd"), ms, ms_peer) if o is not None]
+    return row(KERNEL, _timing_case(b, l, h, k) + f" peer-{peer}", "timing", ms_fwd=ms[0], ms_bwd=ms[1],
+               ms_xla_fwd=ms_peer[0], ms_xla_bwd=ms_peer[1], tflops=2 * b * h * l * l * k / ms[0] / 1e9,
+               note=f"xla columns hold the peer's times: {what}; ours/peer speed {', '.join(speed)}; the peer's "
+                    f"output vs ours: max rel diff {diff:.1e}" + (" [interpret]" if quick else ""))
+
+
+def variants(quick: bool = False, deadline: float | None = None) -> list[dict]:
+    """The peer rows: jax's Mosaic GPU kernel at the three target lengths (forward), its Pallas Triton kernel at
+    l = 8192 (forward and backward); on a CPU (quick) only the Triton one, interpreted at a tiny shape."""
+    if quick:
+        cases = [("pallas-triton", 1, 128, 1, 64, 1)]
+    else:
+        cases = [("mosaic-gpu", 16, 4096, 16, 128, 5), ("mosaic-gpu", 8, 8192, 16, 128, 5),
+                 ("mosaic-gpu", 4, 16384, 16, 128, 5), ("pallas-triton", 8, 8192, 16, 128, 5)]
+    return optional_rows(KERNEL, cases, lambda *c: _peer_timing(*c, quick),
+                         lambda peer, b, l, h, k, _: _timing_case(b, l, h, k) + f" peer-{peer}", deadline)
 
 
 if __name__ == "__main__":

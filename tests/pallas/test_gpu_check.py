@@ -1,4 +1,5 @@
-"""benchmarks/gpu_check.py: refuses to time on a CPU, isolates a failing part, pairs SSD with the Mamba-1 scan."""
+"""benchmarks/gpu_check.py: refuses to time on a CPU, isolates a failing part, pairs SSD with the Mamba-1 scan, runs
+end to end on a CPU (--quick), times jax's attention kernels as peers."""
 
 from __future__ import annotations
 
@@ -85,5 +86,34 @@ def test_variants_run_after_every_part_s_defaults(monkeypatch, tmp_path):
         return types.SimpleNamespace(run=run, variants=variants)
 
     monkeypatch.setattr(gpu_check.importlib, "import_module", fake_import)
-    assert gpu_check.main(["--quick", "--only", "ssd,selective_scan", "--out", str(tmp_path / "r.json")]) == 0
-    assert calls == [("ssd", "run"), ("selective_scan", "run"), ("ssd", "variants"), ("selective_scan", "variants")]
+    assert gpu_check.main(["--quick", "--only", "flash_attention,ssd,selective_scan", "--out",
+                           str(tmp_path / "r.json")]) == 0
+    assert calls == [("flash_attention", "run"), ("ssd", "run"), ("selective_scan", "run"), ("ssd", "variants"),
+                     ("selective_scan", "variants"), ("flash_attention", "variants")]  # the peers last
+
+
+def test_quick_run_end_to_end(tmp_path, capsys):
+    """The whole device script on the CPU (every part interpreted at tiny shapes, then the variants): it must keep
+    working between the rare device sessions. Every correctness row passes, and every part and peer has rows."""
+    out = tmp_path / "quick.json"
+    assert gpu_check.main(["--quick", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows, printed = data["rows"], capsys.readouterr().out
+    assert {r["kernel"] for r in rows} == set(gpu_check.KERNELS)
+    assert all(r["ok"] is not False for r in rows), [r for r in rows if r["ok"] is False]
+    assert {r["check"] for r in rows} == {"correctness", "timing"} and data["meta"]["wall_s"] > 0
+    (peer,) = [r for r in rows if r["case"].endswith("peer-pallas-triton")]
+    diff = float(peer["note"].split("max rel diff ")[1].split()[0])
+    print(f"peer row: ours {peer['ms_fwd']:.2f} ms, peer {peer['ms_xla_fwd']:.2f} ms, output diff {diff:.1e}")
+    assert peer["ms_xla_fwd"] > 0 and peer["ms_xla_bwd"] is not None and diff < 1e-2
+    assert "| flash_attention " in printed and "peer-pallas-triton" in printed
+
+
+def test_peer_rows_are_skipped_once_the_budget_is_spent():
+    import time
+
+    from benchmarks.gpu import flash_attention as part
+
+    rows = part.variants(quick=False, deadline=time.perf_counter() - 1.0)
+    assert [r["case"].split()[-1] for r in rows] == ["peer-mosaic-gpu"] * 3 + ["peer-pallas-triton"]
+    assert all(r["check"] == "skipped" for r in rows)
