@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import types
 
+import jax
 import pytest
 
 from benchmarks import gpu_check
@@ -92,6 +93,7 @@ def test_variants_run_after_every_part_s_defaults(monkeypatch, tmp_path):
                      ("selective_scan", "variants"), ("flash_attention", "variants")]  # the peers last
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="on a device scripts/gpu_check.sh runs the real check")
 def test_quick_run_end_to_end(tmp_path, capsys):
     """The whole device script on the CPU (every part interpreted at tiny shapes, then the variants): it must keep
     working between the rare device sessions. Every correctness row passes, and every part and peer has rows."""
