@@ -137,7 +137,9 @@ def sass_stats(sass: str) -> dict:
     equals, the shortest: attention's key blocks without the element mask) its instructions and ex2s along the path
     that takes its forward branches (a lazy rescale left out). loop_instrs / loop_ex2 is what one thread issues per
     exp: the SM issues 4 warp instructions a clock and 16 ex2 lanes a clock, so above 128 / 16 = 8 instructions per
-    ex2 the loop is bound by instruction issue, not by the exp unit."""
+    ex2 the loop is bound by instruction issue, not by the exp unit. Also the loop's tensor-core instructions along
+    that path: HGMMA (Hopper's warpgroup MMA, wgmma) and HMMA (the warp-level mma.sync of earlier chips, which Triton
+    falls back to where a tile or layout does not suit wgmma, at a fraction of the rate)."""
     ops, index, branches = [], {}, []
     for line in sass.splitlines():
         if m := _SASS_INSTR.match(line):
@@ -158,7 +160,8 @@ def sass_stats(sass: str) -> dict:
     if paths:
         ex2 = lambda p: sum("MUFU.EX2" in op for op in p)
         best = min(paths, key=lambda p: (-ex2(p), len(p)))
-        stats.update(loop_instrs=len(best), loop_ex2=ex2(best))
+        stats.update(loop_instrs=len(best), loop_ex2=ex2(best), loop_hgmma=sum(op.startswith("HGMMA") for op in best),
+                     loop_hmma=sum(op.startswith("HMMA") for op in best))
     return stats
 
 
@@ -364,14 +367,16 @@ def _cases(quick: bool):
     out = []
     fused = fa.BlockSizes(fused_bwd=True, ds_in_input_dtype=True)
     two_pass = ssd_k.BlockSizes(two_pass=True)
-    attn = [(128, None, False), (80, 1024, True)]
+    # head dims: the check's 128, 80 with a window and segments, then the rest of the issue's range (64-256) with
+    # the default blocks only (above 128 the defaults shrink to 64 x 64 tiles to stay within shared memory)
+    attn = [(128, None, False), (80, 1024, True), (64, None, False), (96, None, False), (256, None, False)]
     for k, window, segs in attn[:1] if quick else attn:
         b, h, l = 1, 16, 8192
         case = case_str("causal", f"window{window}" if window else "", "segments" if segs else "",
                         b=b, h=h, l=l, k=k, dtype=bf)
         avals = [S((b, l, h, k), bf)] * 3 + ([S((b, l), i32)] if segs else [])
         options = [("fused_bwd", fa.BlockSizes(fused_bwd=True)), ("fused_bwd ds_in_input_dtype", fused)]
-        for label, blocks in [("default", None)] + ([] if quick else options):
+        for label, blocks in [("default", None)] + ([] if quick or k not in (80, 128) else options):
             def f(q, kk, v, seg=None, window=window, blocks=blocks):
                 return fa.flash_attention(q, kk, v, causal=True, window=window, segment_ids=seg, block_sizes=blocks)
             out.append(("flash_attention", case, label, f, avals, (0, 1, 2)))
@@ -521,6 +526,14 @@ def _fmt_loop(row):
     return f"{row['loop_instrs']}/{row['loop_ex2']} = {row['loop_instrs'] / row['loop_ex2']:.1f}"
 
 
+def _fmt_mma(row):
+    """The exp loop's tensor-core instructions: "wgmma 12", "mma.sync 64" (see sass_stats)."""
+    if not row.get("loop_ex2") or "loop_hgmma" not in row:
+        return None
+    return ", ".join(f"{name} {row[key]}" for name, key in (("wgmma", "loop_hgmma"), ("mma.sync", "loop_hmma"))
+                     if row[key]) or "none"
+
+
 def report(rows, meta_) -> str:
     """The table (also what benchmarks/report.py prints into BENCHMARKS.md)."""
     from benchmarks.harness import Table
@@ -530,6 +543,7 @@ def report(rows, meta_) -> str:
                   ("warps", "num_warps", None), ("stages", "num_stages", None), ("regs", "registers", None),
                   ("spill st/ld B", _fmt_spills, None), ("stack B", "stack_bytes", None),
                   ("smem B", "smem_bytes", None), ("exp loop instrs/ex2", _fmt_loop, None),
+                  ("MMAs in loop", _fmt_mma, None),
                   ("compiled", "compiled", lambda v: "yes" if v else "NO"),
                   ("note", "note", None), ("error", "error", lambda v: v[:160])],
                  title=f"Triton kernels for sm_90a (triton {meta_.get('triton')}; {meta_.get('ptxas')})").render(rows)

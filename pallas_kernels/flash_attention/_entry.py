@@ -33,7 +33,8 @@ class BlockSizes:
     block_q / block_k: forward query rows / keys per block (FlashAttention-2's B_r / B_c);
     block_q_dkv / block_k_dkv: the dK/dV kernel (a program owns block_k_dkv keys, loops over query blocks);
     block_q_dq / block_k_dq: the dQ kernel (a program owns block_q_dq queries, loops over key blocks);
-    num_warps / num_stages (GPU): forward; num_warps_bwd / num_stages_bwd: both backward kernels.
+    num_warps / num_stages (GPU): forward; num_warps_bwd: the dK/dV kernel (or the fused backward);
+    num_warps_dq: the dQ kernel; num_stages_bwd: both backward kernels.
     GPU blocks are powers of two >= 16; TPU blocks are multiples of 128. Blocks longer than the (padded)
     sequence shrink to it; the sequence is padded to a multiple of every block, so no block has to divide l.
 
@@ -57,21 +58,28 @@ class BlockSizes:
     num_stages: int | None = None
     num_warps_bwd: int | None = None
     num_stages_bwd: int | None = None
+    num_warps_dq: int | None = None
     fused_bwd: bool = False
     ds_in_input_dtype: bool = False
 
     @staticmethod
     def default(variant: str, head_dim: int) -> BlockSizes:
-        """Untuned starting points. GPU: 128 x 128 forward tiles up to head dim 128 (64 x 64 above, where the
-        float32 accumulators would spill registers), backward tiles with the looped-over axis short (64)."""
+        """Starting points, untimed, chosen by what ptxas makes of them for sm_90a (benchmarks/triton_ptx_check.py:
+        registers, spills, instructions per exp2, wgmma kept). GPU: 128 x 128 forward tiles up to head dim 128
+        (64 x 64 above, where the float32 accumulators would spill registers), backward tiles with the looped-over
+        axis short. Head dim <= 64: 4 warps, and the dK/dV kernel owns 64 keys (with 128 its dK and dV
+        accumulators spilled 1 KB per thread). Head dim > 128: the dQ kernel runs 4 warps (8 spilled 564 B per
+        thread and issued twice the instructions per score); the dK/dV kernel still spills ~430 B there, and the
+        tiles that avoid it (32 x 32) lose Hopper's wgmma for mma.sync, which the device has to weigh."""
         if variant == "tpu":
             return BlockSizes(128, 128, 128, 128, 128, 128)
-        big = head_dim > 128
+        big, small = head_dim > 128, head_dim <= 64
         return BlockSizes(block_q=64 if big else 128, block_k=64 if big else 128,
-                          block_q_dkv=32 if big else 64, block_k_dkv=64 if big else 128,
+                          block_q_dkv=32 if big else 64, block_k_dkv=64 if big or small else 128,
                           block_q_dq=64 if big else 128, block_k_dq=32 if big else 64,
-                          num_warps=4 if head_dim <= 64 else 8, num_stages=3 if head_dim <= 64 else 2,
-                          num_warps_bwd=4 if head_dim <= 64 else 8, num_stages_bwd=2)
+                          num_warps=4 if small else 8, num_stages=3 if small else 2,
+                          num_warps_bwd=4 if small else 8, num_stages_bwd=2,
+                          num_warps_dq=4 if small or big else 8)
 
 
 def _resolve_blocks(block_sizes: BlockSizes | None, variant: str, head_dim: int, l: int, s: int):

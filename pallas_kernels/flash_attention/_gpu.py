@@ -109,9 +109,10 @@ def _query_loop_parts(cfg: Config):
 
 
 def _blocks(cfg):
-    bq, bk, bq_dkv, bk_dkv, bq_dq, bk_dq, warps, stages, warps_bwd, stages_bwd, fused, ds_16 = cfg.blocks
+    bq, bk, bq_dkv, bk_dkv, bq_dq, bk_dq, warps, stages, warps_bwd, stages_bwd, warps_dq, fused, ds_16 = cfg.blocks
     return dict(fwd=(bq, bk), dkv=(bq_dkv, bk_dkv), dq=(bq_dq, bk_dq), fwd_params=(warps, stages),
-                bwd_params=(warps_bwd, stages_bwd), fused_bwd=fused, ds_in_input_dtype=ds_16)
+                bwd_params=(warps_bwd, stages_bwd), dq_params=(warps_dq, stages_bwd), fused_bwd=fused,
+                ds_in_input_dtype=ds_16)
 
 
 def _call(cfg, kernel, name, grid, in_specs, out_specs, out_shape, params, aliases=None):
@@ -315,7 +316,7 @@ def _backward_dq(cfg, q, k, v, q_seg, kv_seg, lse, delta, do, ds_16):
     args = [q, k, v, do, lse, delta] + ([q_seg, kv_seg] if cfg.has_segments else [])
     kernel = functools.partial(_dq_kernel, cfg=cfg, bq=bq, bk=bk, ds_16=ds_16)
     return _call(cfg, kernel, "flash_attention_dq", (cfg.l_pad // bq, b * h), in_specs, q_spec,
-                 jax.ShapeDtypeStruct(q.shape, q.dtype), _blocks(cfg)["bwd_params"])(*args)
+                 jax.ShapeDtypeStruct(q.shape, q.dtype), _blocks(cfg)["dq_params"])(*args)
 
 
 def backward(cfg: Config, q, k, v, q_seg, kv_seg, out, out_lo, lse, do):
