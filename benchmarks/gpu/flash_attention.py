@@ -168,9 +168,11 @@ def run(quick: bool = False) -> list[dict]:
     if quick:  # CPU: the GPU variant interpreted, tiny shapes
         checks = [((1, 67, 4, 2, 72), jnp.bfloat16, dict(causal=True, window=30, softcap=5.0), "default")]
         timings, options_at, n = [(1, 64, 1, 128)], None, 1
-    else:  # l odd and not a block multiple, GQA, head dims 80 (padded to 128) and 128
+    else:  # l odd and not a block multiple, GQA, head dims 80 (padded to 128) and 128, and the range's ends
         bf16 = jnp.bfloat16
         checks = [((2, 999, 8, 2, 80), bf16, dict(causal=True), "default"),
+                  ((1, 999, 4, 2, 64), bf16, dict(causal=True), "default"),
+                  ((1, 999, 4, 2, 256), bf16, dict(causal=True), "default"),
                   ((1, 999, 6, 3, 128), bf16, dict(causal=True, window=256, softcap=30.0), "default"),
                   ((2, 999, 8, 2, 128), bf16, dict(causal=True), "default"),
                   ((2, 999, 8, 2, 128), bf16, dict(causal=True), "fused"),

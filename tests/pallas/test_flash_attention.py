@@ -84,6 +84,16 @@ def test_gpu_variant_matches_reference(rng, case):
     _compare(rng, *spec["shape"], dict(block_sizes=SMALL, variant="gpu"), spec["op_kw"])
 
 
+@pytest.mark.parametrize("k", [64, 256])
+def test_gpu_variant_default_blocks_at_the_ends_of_the_head_dim_range(rng, k):
+    """The defaults differ at head dim <= 64 (4 warps, 64-key dK/dV programs) and > 128 (64 x 64 forward tiles,
+    4-warp dQ); l = 67 is not a multiple of any of their blocks."""
+    blocks = BlockSizes.default("gpu", k)
+    assert (blocks.block_k_dkv, blocks.num_warps_dq) == (64, 4)
+    assert (blocks.block_q, blocks.num_warps_bwd) == ((128, 4) if k == 64 else (64, 8))
+    _compare(rng, 1, 67, 67, 4, 2, k, dict(variant="gpu"), dict(window=50))
+
+
 def test_gpu_forward_lazy_rescaling_both_ways(rng):
     """The forward moves its reference maximum only when a row's maximum grows by more than RESCALE_AT (base 2).
     Keys scaled by a ramp make the row maxima grow slowly over the first key blocks (p > 1 against a stale maximum)
@@ -269,12 +279,13 @@ def test_kernel_reference_equals_the_op_reference(rng):
 @pytest.mark.parametrize("variant,platform,blocks,calls", [
     ("gpu", "cuda", None, 3), ("gpu", "cuda", BlockSizes(fused_bwd=True, ds_in_input_dtype=True), 2),
     ("tpu", "tpu", None, 3)], ids=["gpu", "gpu_fused_bwd", "tpu"])
-def test_kernels_lower_for_the_real_backend(monkeypatch, variant, platform, blocks, calls):
+@pytest.mark.parametrize("head_dim", [80, 256])
+def test_kernels_lower_for_the_real_backend(monkeypatch, variant, platform, blocks, calls, head_dim):
     """Forward and backward (dK/dV and dQ, or the fused one) lower through Pallas-Triton / Pallas-Mosaic at the
     default blocks (compiling needs the hardware)."""
     monkeypatch.setattr(common, "platform", lambda: variant)  # interpret=None then means compiled
-    q = jax.ShapeDtypeStruct((1, 1000, 8, 80), jnp.bfloat16)
-    kv = jax.ShapeDtypeStruct((1, 1000, 2, 80), jnp.bfloat16)
+    q = jax.ShapeDtypeStruct((1, 1000, 8, head_dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 1000, 2, head_dim), jnp.bfloat16)
     seg = jax.ShapeDtypeStruct((1, 1000), jnp.int32)
 
     def grads(q, k, v, seg):
