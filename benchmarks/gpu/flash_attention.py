@@ -13,8 +13,9 @@ Besides the default backward (separate dK/dV and dQ kernels, dS as two bf16 term
 ds16: dS rounded to bf16 for the dQ / dK dots), with their bf16 error checked at l = 999, so the defaults can be
 chosen from one run.
 
-`variants` (run by gpu_check after every part's defaults) times two peers that ship with jax against ours, back to
-back at the same shapes: its Pallas Triton kernel (`pallas.ops.gpu.attention.mha`, forward and backward, bf16) and
+`variants` (run by gpu_check after every part's defaults) times head dim 256's backward with the default dK/dV
+tiles (wgmma, spilling) and with 32 x 32 tiles ("dkv32x32": mma.sync, no spill), then two peers that ship with jax
+against ours, back to back at the same shapes: its Pallas Triton kernel (`pallas.ops.gpu.attention.mha`, forward and backward, bf16) and
 its Mosaic GPU Hopper kernel (`pallas.ops.gpu.attention_mgpu`, warp-specialized, TMA + WGMMA; causal forward only,
 in float16 because its shared-memory buffers are float16). The second says whether a Mosaic GPU variant of ours
 would pay (issue 7: "Mosaic GPU where it pays").
@@ -38,7 +39,10 @@ KERNEL = "flash_attention"
 BUDGET_S = 80  # optional comparisons (xla, cuDNN, backward options) are skipped past this
 BWD_OPTIONS = {"default": BlockSizes(), "fused": BlockSizes(fused_bwd=True),
                "fused+ds16": BlockSizes(fused_bwd=True, ds_in_input_dtype=True),
-               "ds16": BlockSizes(ds_in_input_dtype=True)}
+               "ds16": BlockSizes(ds_in_input_dtype=True),
+               # head dim 256: dK/dV tiles of 32 x 32, no spill but mma.sync, against the default's 32 x 64 (wgmma,
+               # 428 B spilled per thread; benchmarks/triton_ptx_check.py)
+               "dkv32x32": BlockSizes(block_q_dkv=32, block_k_dkv=32)}
 
 
 def _inputs(b, l, h, g, k, dtype, seed=0):
@@ -123,7 +127,9 @@ def _timing_case(b, l, h, k, option="default"):
     return case_str("causal", _bwd_flag(option), b=b, h=h, l=l, k=k, dtype=jnp.bfloat16)
 
 
-def _timing(b, l, h, k, n, quick, deadline, option="default", ms_fwd=None):
+def _timing(b, l, h, k, n, quick, deadline, option="default", ms_fwd=None, compare=True):
+    """Ours (the BWD_OPTIONS entry) forward and backward; for the default with `compare`, also the xla path and
+    cuDNN (skipped past `deadline`)."""
     flops_fwd = 4 * b * h * l * l * k / 2
     out, notes, targets, met = row(KERNEL, _timing_case(b, l, h, k, option), "timing"), [], [], []
     try:
@@ -135,7 +141,7 @@ def _timing(b, l, h, k, n, quick, deadline, option="default", ms_fwd=None):
     except Exception as e:  # noqa: BLE001
         out.update(ok=False, note=f"pallas failed: {failure(e)}")
         return out
-    if option == "default":
+    if option == "default" and compare:
         if time.perf_counter() < deadline:
             try:
                 out["ms_xla_fwd"], out["ms_xla_bwd"] = _fwd_and_bwd_ms(
@@ -173,6 +179,7 @@ def run(quick: bool = False) -> list[dict]:
         checks = [((2, 999, 8, 2, 80), bf16, dict(causal=True), "default"),
                   ((1, 999, 4, 2, 64), bf16, dict(causal=True), "default"),
                   ((1, 999, 4, 2, 256), bf16, dict(causal=True), "default"),
+                  ((1, 999, 4, 2, 256), bf16, dict(causal=True), "dkv32x32"),
                   ((1, 999, 6, 3, 128), bf16, dict(causal=True, window=256, softcap=30.0), "default"),
                   ((2, 999, 8, 2, 128), bf16, dict(causal=True), "default"),
                   ((2, 999, 8, 2, 128), bf16, dict(causal=True), "fused"),
@@ -244,15 +251,25 @@ def _peer_timing(peer, b, l, h, k, n, quick):
 
 
 def variants(quick: bool = False, deadline: float | None = None) -> list[dict]:
-    """The peer rows: jax's Mosaic GPU kernel at the three target lengths (forward), its Pallas Triton kernel at
-    l = 8192 (forward and backward); on a CPU (quick) only the Triton one, interpreted at a tiny shape."""
+    """Head dim 256's backward with the default dK/dV tiles and with "dkv32x32"; then the peer rows: jax's Mosaic
+    GPU kernel at the three target lengths (forward), its Pallas Triton kernel at l = 8192 (forward and backward).
+    On a CPU (quick) only the Triton peer, interpreted at a tiny shape."""
     if quick:
         cases = [("pallas-triton", 1, 128, 1, 64, 1)]
     else:
-        cases = [("mosaic-gpu", 16, 4096, 16, 128, 5), ("mosaic-gpu", 8, 8192, 16, 128, 5),
+        cases = [("default", 4, 4096, 16, 256, 5), ("dkv32x32", 4, 4096, 16, 256, 5),
+                 ("mosaic-gpu", 16, 4096, 16, 128, 5), ("mosaic-gpu", 8, 8192, 16, 128, 5),
                  ("mosaic-gpu", 4, 16384, 16, 128, 5), ("pallas-triton", 8, 8192, 16, 128, 5)]
-    return optional_rows(KERNEL, cases, lambda *c: _peer_timing(*c, quick),
-                         lambda peer, b, l, h, k, _: _timing_case(b, l, h, k) + f" peer-{peer}", deadline)
+
+    def timing(name, b, l, h, k, n):
+        if name in PEERS:
+            return _peer_timing(name, b, l, h, k, n, quick)
+        return _timing(b, l, h, k, n, quick, deadline, option=name, compare=False)
+
+    def case_of(name, b, l, h, k, _):
+        return _timing_case(b, l, h, k) + f" peer-{name}" if name in PEERS else _timing_case(b, l, h, k, name)
+
+    return optional_rows(KERNEL, cases, timing, case_of, deadline)
 
 
 if __name__ == "__main__":

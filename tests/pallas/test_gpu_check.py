@@ -111,11 +111,12 @@ def test_quick_run_end_to_end(tmp_path, capsys):
     assert "| flash_attention " in printed and "peer-pallas-triton" in printed
 
 
-def test_peer_rows_are_skipped_once_the_budget_is_spent():
+def test_attention_variants_are_skipped_once_the_budget_is_spent():
     import time
 
     from benchmarks.gpu import flash_attention as part
 
     rows = part.variants(quick=False, deadline=time.perf_counter() - 1.0)
-    assert [r["case"].split()[-1] for r in rows] == ["peer-mosaic-gpu"] * 3 + ["peer-pallas-triton"]
+    assert [r["case"].split()[-1] for r in rows] == ["causal", "bwd-dkv32x32"] + ["peer-mosaic-gpu"] * 3 + [
+        "peer-pallas-triton"]
     assert all(r["check"] == "skipped" for r in rows)
