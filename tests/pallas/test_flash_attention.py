@@ -153,6 +153,7 @@ TPU_CASES = {
                                             op_kw=dict(window=90)),
     "noncausal_softcap_l33_s149": dict(shape=(1, 33, 149, 2, 1, 128), segments=False,
                                        op_kw=dict(causal=False, softcap=2.5)),
+    "causal_l40_k256": dict(shape=(1, 40, 40, 2, 1, 256), segments=False, op_kw={}),  # two lane tiles per row
 }
 
 
