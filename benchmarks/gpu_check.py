@@ -9,9 +9,9 @@ the op's reference on the device (forward and gradients), then its forward and f
 op's xla path (and, for attention, cuDNN) at the sizes of issue 7's targets, in bf16. This script runs the parts in
 turn within a time budget (a part that would start after the budget is reported as skipped), then the parts'
 optional rows (`variants(quick, deadline) -> rows`: other block sizes, then jax's own attention kernels as peers;
-skipped once the budget is spent, so they never crowd out another part's defaults), lines up the SSD and selective-scan rows that share a shape (the "SSD
-faster than the Mamba-1 scan at n = 64-128" target), prints one table and writes JSON (benchmarks/report.py renders
-it into BENCHMARKS.md).
+skipped once the budget is spent, so they never crowd out another part's defaults), lines up the SSD and
+selective-scan rows that share a shape (the "SSD faster than the Mamba-1 scan at n = 64-128" target), prints one
+table and writes JSON (benchmarks/report.py renders it into BENCHMARKS.md).
 """
 
 from __future__ import annotations
