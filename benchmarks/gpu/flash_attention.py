@@ -15,10 +15,10 @@ chosen from one run.
 
 `variants` (run by gpu_check after every part's defaults) times head dim 256's backward with the default dK/dV
 tiles (wgmma, spilling) and with 32 x 32 tiles ("dkv32x32": mma.sync, no spill), then two peers that ship with jax
-against ours, back to back at the same shapes: its Pallas Triton kernel (`pallas.ops.gpu.attention.mha`, forward and backward, bf16) and
-its Mosaic GPU Hopper kernel (`pallas.ops.gpu.attention_mgpu`, warp-specialized, TMA + WGMMA; causal forward only,
-in float16 because its shared-memory buffers are float16). The second says whether a Mosaic GPU variant of ours
-would pay (issue 7: "Mosaic GPU where it pays").
+against ours, back to back at the same shapes: its Pallas Triton kernel (`pallas.ops.gpu.attention.mha`, forward
+and backward, bf16) and its Mosaic GPU Hopper kernel (`pallas.ops.gpu.attention_mgpu`, warp-specialized, TMA +
+WGMMA; causal forward only, in float16 because its shared-memory buffers are float16). The second says whether a
+Mosaic GPU variant of ours would pay (issue 7: "Mosaic GPU where it pays").
 """
 
 from __future__ import annotations
