@@ -160,8 +160,8 @@ def sass_stats(sass: str) -> dict:
     if paths:
         ex2 = lambda p: sum("MUFU.EX2" in op for op in p)
         best = min(paths, key=lambda p: (-ex2(p), len(p)))
-        stats.update(loop_instrs=len(best), loop_ex2=ex2(best), loop_hgmma=sum(op.startswith("HGMMA") for op in best),
-                     loop_hmma=sum(op.startswith("HMMA") for op in best))
+        count = lambda name: sum(name in op for op in best)  # "in", as for EX2: an op may carry a predicate (@P0)
+        stats.update(loop_instrs=len(best), loop_ex2=ex2(best), loop_hgmma=count("HGMMA."), loop_hmma=count("HMMA."))
     return stats
 
 
