@@ -231,6 +231,10 @@ PEERS = {  # name: (fn(q, k, v), its inputs from ours, times its backward, what 
                    "it has no causal backward)")}
 
 
+def _peer_case(peer, b, l, h, k):
+    return _timing_case(b, l, h, k) + f" peer-{peer}"
+
+
 def _peer_timing(peer, b, l, h, k, n, quick):
     """Ours and `peer` at one shape, causal, bf16 (the peer's inputs as it takes them, prepared outside the timed
     calls); the xla columns hold the peer's times, the note how far its output is from ours."""
@@ -244,7 +248,7 @@ def _peer_timing(peer, b, l, h, k, n, quick):
     ms, ms_peer = times(ours, args), times(fn, peer_args)
     diff = rel_err(jax.jit(fn)(*peer_args).astype(jnp.float32), jax.jit(ours)(*args).astype(jnp.float32))
     speed = [f"{kind} {p / o:.0%}" for kind, o, p in zip(("fwd", "bwd"), ms, ms_peer) if o is not None]
-    return row(KERNEL, _timing_case(b, l, h, k) + f" peer-{peer}", "timing", ms_fwd=ms[0], ms_bwd=ms[1],
+    return row(KERNEL, _peer_case(peer, b, l, h, k), "timing", ms_fwd=ms[0], ms_bwd=ms[1],
                ms_xla_fwd=ms_peer[0], ms_xla_bwd=ms_peer[1], tflops=2 * b * h * l * l * k / ms[0] / 1e9,
                note=f"xla columns hold the peer's times: {what}; ours/peer speed {', '.join(speed)}; the peer's "
                     f"output vs ours: max rel diff {diff:.1e}" + (" [interpret]" if quick else ""))
@@ -267,7 +271,7 @@ def variants(quick: bool = False, deadline: float | None = None) -> list[dict]:
         return _timing(b, l, h, k, n, quick, deadline, option=name, compare=False)
 
     def case_of(name, b, l, h, k, _):
-        return _timing_case(b, l, h, k) + f" peer-{name}" if name in PEERS else _timing_case(b, l, h, k, name)
+        return _peer_case(name, b, l, h, k) if name in PEERS else _timing_case(b, l, h, k, name)
 
     return optional_rows(KERNEL, cases, timing, case_of, deadline)
 
